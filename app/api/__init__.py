@@ -1,0 +1,1 @@
+"""The HTTP front: DMR's routes and OpenAI's, as thin handlers over the service objects."""

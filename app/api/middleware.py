@@ -1,0 +1,81 @@
+"""Request logging and the mapping of errors to DMR's plain-text answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from app import errors
+from app.api.responses import plain_error
+from app.logging import get_logger
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = get_logger("http")
+
+_STATUS = {
+    errors.BadRequest: 400,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.Unsupported: 422,
+    errors.InsufficientStorage: 507,
+}
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request with its status and duration; the request id goes back as a header."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            duration_ms=round((time.perf_counter() - start) * 1000, 2),
+            remote=request.remote,
+        )
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+@web.middleware
+async def error_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.ServiceError as exc:
+        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+        if status == 500:
+            log.error("request failed", error=str(exc))
+        return plain_error(status, str(exc))
+    except web.HTTPNotFound:
+        return plain_error(404, _not_found_text(request.path))
+    except web.HTTPMethodNotAllowed as exc:
+        allow = ", ".join(sorted(exc.allowed_methods))
+        return plain_error(405, "Method Not Allowed", {"Allow": allow})
+    except web.HTTPRequestEntityTooLarge:
+        return plain_error(400, "request too large")
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        return plain_error(500, "internal server error")
+
+
+def _not_found_text(path: str) -> str:
+    # DMR's models and engines handlers answer "not found"; the top-level mux says more.
+    bare = path.removeprefix("/exp/vDD4.40")
+    if bare.startswith(("/models", "/engines/", "/v1/")):
+        return "not found"
+    return "404 page not found"

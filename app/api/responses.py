@@ -1,0 +1,32 @@
+"""Response helpers matching DMR's Go server byte for byte where clients may care."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+def plain_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """Go's ``http.Error``: text/plain, nosniff, the message plus a newline."""
+    return web.Response(
+        status=status,
+        text=message + "\n",
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff", **(headers or {})},
+    )
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    """Go's ``json.Encoder``: compact JSON and a trailing newline."""
+    return web.Response(
+        status=status,
+        body=json_line(value),
+        content_type="application/json",
+    )
+
+
+def json_line(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"

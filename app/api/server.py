@@ -1,0 +1,100 @@
+"""The aiohttp application: routes, DMR's path aliases, listeners and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from app import __version__
+from app.api import models
+from app.api.middleware import access_log, error_answers
+from app.api.responses import json_response
+from app.logging import get_logger
+from app.service.models import ModelService
+from app.settings import Settings
+from app.store import ModelStore
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = get_logger("server")
+
+# Docker Desktop's socket proxy adds this prefix; clients that talk to it send it (spec 1.2).
+DESKTOP_PREFIX = "/exp/vDD4.40"
+# OpenAI routes live under each of these: /engines/llama.cpp/v1, /engines/v1 and /v1.
+OPENAI_PREFIXES = ("/engines/{backend}/v1", "/engines/v1", "/v1")
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Docker Model Runner is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": __version__})
+
+
+def _routes() -> list[tuple[str, str, Handler]]:
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/", root),
+        ("*", "/version", version),
+        ("GET", "/models", models.list_models),
+        ("POST", "/models/create", models.create_model),
+        ("POST", "/models/load", models.load_model),
+        ("DELETE", "/models/purge", models.purge),
+        ("GET", "/models/{name:.+}", models.get_model),
+        ("DELETE", "/models/{name:.+}", models.delete_model),
+        ("POST", "/models/{name:.+}", models.model_action),
+    ]
+    for prefix in OPENAI_PREFIXES:
+        routes.append(("GET", f"{prefix}/models", models.openai_models))
+        routes.append(("GET", f"{prefix}/models/{{name:.+}}", models.openai_model))
+    return routes
+
+
+def create_app(settings: Settings, store: ModelStore | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            access_log,
+            error_answers,
+            web.normalize_path_middleware(append_slash=False, merge_slashes=True),
+        ],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[models.SERVICE] = ModelService(store or ModelStore(settings.models_path))
+    for method, path, handler in _routes():
+        for prefixed in (path, DESKTOP_PREFIX + path):
+            app.router.add_route(method, prefixed, handler)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    sites: list[web.BaseSite] = [web.TCPSite(runner, settings.addr, settings.port)]
+    if settings.sock is not None:
+        settings.sock.parent.mkdir(parents=True, exist_ok=True)
+        settings.sock.unlink(missing_ok=True)  # a stale socket from a killed run blocks bind()
+        sites.append(web.UnixSite(runner, str(settings.sock)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for site in sites:
+            await site.start()
+        log.info(
+            "listening",
+            tcp=f"{settings.addr}:{settings.port}",
+            unix=str(settings.sock) if settings.sock else None,
+            models_path=str(settings.models_path),
+            version=__version__,
+        )
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+        if settings.sock is not None:
+            settings.sock.unlink(missing_ok=True)

@@ -1,0 +1,95 @@
+"""A small blocking HTTP client for the CLI: TCP (``http://host:port``) or ``unix:///path``."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+DEFAULT_HOST = "http://localhost:12434"
+
+
+class ClientError(Exception):
+    """The service could not be reached, or answered with an error; the message says which."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace").strip()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+class ServiceClient:
+    def __init__(self, host: str = DEFAULT_HOST, timeout: float | None = 300) -> None:
+        self.host = host
+        self.timeout = timeout
+        url = urlsplit(host if "://" in host else f"http://{host}")
+        self._unix = url.path if url.scheme == "unix" else None
+        if url.scheme not in ("http", "unix"):
+            raise ClientError(f"MODEL_RUNNER_HOST={host!r}: use http://HOST:PORT or unix:///PATH")
+        self._netloc = url.netloc
+        self._base = url.path.rstrip("/") if url.scheme == "http" else ""
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._unix is not None:
+            return _UnixConnection(self._unix, self.timeout)
+        return http.client.HTTPConnection(self._netloc, timeout=self.timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        conn = self._connection()
+        try:
+            conn.request(
+                method,
+                self._base + path,
+                body=body,
+                headers=headers or {},
+                encode_chunked=body is not None and not isinstance(body, bytes),
+            )
+            resp = conn.getresponse()
+            return Reply(resp.status, dict(resp.getheaders()), resp.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(f"cannot reach the model runner at {self.host}: {exc}") from None
+        finally:
+            conn.close()
+
+    def checked(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """Like request(), but an error status raises ClientError with the service's message."""
+        reply = self.request(method, path, body, headers)
+        if reply.status >= 400:
+            raise ClientError(reply.text or f"HTTP {reply.status}")
+        return reply
+
+
+def model_path(ref: str) -> str:
+    """``/models/<ref>`` with the reference escaped but its slashes kept (DMR's catch-all)."""
+    return "/models/" + quote(ref.strip(), safe="/:@")

@@ -1,0 +1,1 @@
+"""OCI references and (later) registry pull and push."""

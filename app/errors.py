@@ -1,0 +1,30 @@
+"""Errors the service layer raises; the API maps each kind to an HTTP status.
+
+The message is the exact text a client sees (DMR answers management errors in plain text).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Something failed on our side (HTTP 500)."""
+
+
+class BadRequest(ServiceError):
+    """The client sent something unusable (HTTP 400)."""
+
+
+class NotFound(ServiceError):
+    """HTTP 404."""
+
+
+class Conflict(ServiceError):
+    """HTTP 409."""
+
+
+class Unsupported(ServiceError):
+    """A well-formed request for something this service cannot handle (HTTP 422)."""
+
+
+class InsufficientStorage(ServiceError):
+    """HTTP 507."""

@@ -1,0 +1,1 @@
+"""Build Docker model artifacts (OCI manifest + config + layers) from local GGUF files."""

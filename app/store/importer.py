@@ -1,0 +1,110 @@
+"""Import a model tarball into the store without trusting it.
+
+The archive is read as a stream (it arrives over HTTP). Every blob is hashed while written and
+kept only if it matches its name; the manifest must be valid and name only blobs that are stored;
+the index entry comes last. On any failure the blobs this import added are removed again, so a
+truncated or hostile upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+from typing import BinaryIO
+
+from app.distribution.manifest import MAX_MANIFEST_BYTES, InvalidManifest, parse_manifest
+from app.distribution.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
+from app.store.store import DigestMismatch, IndexEntry, ModelStore
+
+_BLOB_NAME = re.compile(rf"^{BLOBS_DIR}/([0-9a-f]{{64}})$")
+_DIRS = {"blobs", BLOBS_DIR}
+# Room left on the disk after a blob is written, so an import cannot fill it to the last byte.
+_DISK_RESERVE = 256 * 1024 * 1024
+
+
+class InvalidArchive(ValueError):
+    """The upload is not a model tarball; the message says what is wrong with it."""
+
+
+class InsufficientStorage(OSError):
+    pass
+
+
+def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
+    added: list[str] = []
+    try:
+        manifest_raw = _read_members(store, stream, added)
+        try:
+            manifest = parse_manifest(manifest_raw)
+        except InvalidManifest as exc:
+            raise InvalidArchive(f"invalid manifest.json: {exc}") from None
+        for blob in manifest.blobs:
+            if not store.has_blob(blob.digest, blob.size):
+                raise InvalidArchive(f"archive lacks blob {blob.digest} named by its manifest")
+        entry = store.add_model(manifest_raw)
+    except BaseException:
+        store.discard_blobs(added)
+        raise
+    return entry
+
+
+def _read_members(store: ModelStore, stream: BinaryIO, added: list[str]) -> bytes:
+    manifest: bytes | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./").rstrip("/")
+                if member.isdir() and name in _DIRS:
+                    continue
+                if not member.isreg():
+                    raise InvalidArchive(f"unexpected archive entry {member.name!r}")
+                if name == MANIFEST_NAME:
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise InvalidArchive("manifest.json is too large")
+                    manifest = _read_all(tar, member)
+                    continue
+                m = _BLOB_NAME.match(name)
+                if not m:
+                    raise InvalidArchive(f"unexpected archive entry {member.name!r}")
+                digest = "sha256:" + m.group(1)
+                if _store_blob(store, tar, member, digest):
+                    added.append(digest)
+    except (tarfile.TarError, EOFError) as exc:
+        raise InvalidArchive(f"invalid or truncated tar archive: {exc}") from None
+    if manifest is None:
+        raise InvalidArchive("archive has no manifest.json")
+    return manifest
+
+
+def _read_all(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    assert f is not None  # a regular file always has content
+    data = f.read()
+    if len(data) != member.size:
+        raise InvalidArchive(f"truncated archive entry {member.name!r}")
+    return data
+
+
+def _store_blob(
+    store: ModelStore, tar: tarfile.TarFile, member: tarfile.TarInfo, digest: str
+) -> bool:
+    """Write one blob, verified; returns False when the store already had it."""
+    f = tar.extractfile(member)
+    assert f is not None
+    if store.has_blob(digest, member.size):
+        while f.read(CHUNK):  # a stream archive cannot seek past it
+            pass
+        return False
+    if shutil.disk_usage(store.blobs_dir).free < member.size + _DISK_RESERVE:
+        raise InsufficientStorage(f"not enough disk space for blob {digest} ({member.size} bytes)")
+    with store.blob_writer(digest) as w:
+        while chunk := f.read(CHUNK):
+            w.write(chunk)
+        if w.size != member.size:
+            raise InvalidArchive(f"truncated archive entry {member.name!r}")
+        try:
+            w.commit()
+        except DigestMismatch as exc:
+            raise InvalidArchive(f"{member.name}: {exc}") from None
+    return True

@@ -1,0 +1,302 @@
+"""Content-addressed model store in DMR's layout (spec 8.3), safe under crashes and concurrency.
+
+Blobs and manifests are immutable files named by their sha256. ``models.json`` is the commit
+point: a model exists once its index entry is written, and an entry is written only after every
+blob it names is on disk and verified. Index updates hold a thread lock and an ``flock`` so that
+the service and a ``package --store`` process can share one store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.distribution import reference
+from app.distribution.manifest import Manifest, parse_manifest
+from app.store.atomic import TEMP_PREFIX, AtomicFile, write_atomic
+
+LAYOUT_VERSION = "1.0.0"
+# What a store holds at its top level; purge removes these and nothing else.
+_STORE_NAMES = ("layout.json", "models.json", "blobs", "manifests", "bundles")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says why."""
+
+
+class ModelNotFound(StoreError):
+    def __init__(self, message: str = "model not found") -> None:
+        super().__init__(message)
+
+
+class DigestMismatch(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    id: str
+    tags: tuple[str, ...]
+    files: tuple[str, ...]
+
+    @property
+    def hex(self) -> str:
+        return self.id.removeprefix("sha256:")
+
+    def has_tag(self, canonical: str) -> bool:
+        return any(_canonical_tag(tag) == canonical for tag in self.tags)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "tags": list(self.tags), "files": list(self.files)}
+
+
+def _canonical_tag(tag: str) -> str | None:
+    """Older DMR builds stored tags as typed (``ai/x:latest``); compare them normalized."""
+    try:
+        return str(reference.parse(tag))
+    except reference.InvalidReference:
+        return None
+
+
+class BlobWriter(AtomicFile):
+    """Writes one blob; it becomes visible only if its bytes hash to the expected digest."""
+
+    def __init__(self, path: Path, expected: str) -> None:
+        super().__init__(path)
+        self.expected = expected
+
+    def commit(self) -> None:
+        if self.digest != self.expected:
+            raise DigestMismatch(
+                f"blob digest mismatch: expected {self.expected}, got {self.digest}"
+            )
+        super().commit()
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs" / "sha256"
+        self.manifests_dir = root / "manifests" / "sha256"
+        self.bundles_dir = root / "bundles" / "sha256"
+        self._index_path = root / "models.json"
+        self._lock = threading.RLock()
+        self._init_layout()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _init_layout(self) -> None:
+        is_store = any((self.root / n).exists() for n in _STORE_NAMES)
+        if self.root.is_dir() and not is_store and any(self.root.iterdir()):
+            raise StoreError(f"{self.root} is not empty and does not hold a model store")
+        for d in (self.blobs_dir, self.manifests_dir, self.bundles_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        layout = self.root / "layout.json"
+        if not layout.exists():
+            write_atomic(layout, json.dumps({"version": LAYOUT_VERSION}).encode())
+        if not self._index_path.exists():
+            self._write_index([])
+        # Temp files are what a crash leaves behind mid-write; nothing refers to them.
+        for d in (self.root, self.blobs_dir, self.manifests_dir):
+            for tmp in d.glob(TEMP_PREFIX + "*"):
+                tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock, open(self.root / ".lock", "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    # -- index ----------------------------------------------------------------------------
+    def entries(self) -> list[IndexEntry]:
+        try:
+            doc = json.loads(self._index_path.read_bytes())
+        except FileNotFoundError:
+            return []
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self._index_path} is corrupt: {exc}") from None
+        return [
+            IndexEntry(
+                id=item["id"],
+                tags=tuple(item.get("tags") or ()),
+                files=tuple(item.get("files") or ()),
+            )
+            for item in doc.get("models") or []
+        ]
+
+    def _write_index(self, entries: Iterable[IndexEntry]) -> None:
+        doc = {"models": [e.to_json() for e in entries]}
+        write_atomic(self._index_path, json.dumps(doc, indent=2).encode())
+
+    def get(self, model_id: str) -> IndexEntry:
+        for entry in self.entries():
+            if entry.id == model_id:
+                return entry
+        raise ModelNotFound()
+
+    def resolve(self, ref: str) -> IndexEntry:
+        """Find a model by tag in any spelling, ID, short ID or ``name@digest`` (spec 4.2).
+
+        Raises InvalidReference for text that is neither an ID nor a reference.
+        """
+        text = ref.strip()
+        entries = self.entries()
+        if reference.looks_like_id(text):
+            full = text if text.startswith("sha256:") else None
+            for entry in entries:
+                if full == entry.id or text in (entry.hex, entry.hex[:12]):
+                    return entry
+        parsed = reference.parse(text)
+        if parsed.digest:
+            for entry in entries:
+                if entry.id == parsed.digest:
+                    return entry
+            raise ModelNotFound()
+        canonical = str(parsed)
+        for entry in entries:
+            if entry.has_tag(canonical):
+                return entry
+        raise ModelNotFound()
+
+    def find_by_partial_name(self, name: str) -> IndexEntry | None:
+        """DMR's fallback: a tag whose last path component, less its ``:tag``, equals ``name``."""
+        for entry in self.entries():
+            for tag in entry.tags:
+                last = tag.rsplit("/", 1)[-1]
+                if last.rsplit(":", 1)[0] == name:
+                    return entry
+        return None
+
+    # -- blobs and manifests --------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        algo, _, hex_ = digest.partition(":")
+        if algo != "sha256" or not _HEX.match(hex_):
+            raise StoreError(f"invalid digest {digest!r}")
+        return self.blobs_dir / hex_
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def blob_writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self.blob_path(digest), digest)
+
+    def manifest_bytes(self, entry: IndexEntry) -> bytes:
+        return (self.manifests_dir / entry.hex).read_bytes()
+
+    def manifest(self, entry: IndexEntry) -> Manifest:
+        return parse_manifest(self.manifest_bytes(entry))
+
+    def config(self, entry: IndexEntry) -> dict[str, Any]:
+        raw = self.blob_path(self.manifest(entry).config.digest).read_bytes()
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise StoreError(f"config of {entry.id} is not a JSON object")
+        return doc
+
+    # -- changes --------------------------------------------------------------------------
+    def add_model(self, manifest_raw: bytes, tags: Iterable[str] = ()) -> IndexEntry:
+        """Commit a model whose blobs are all stored; returns its (new or existing) entry."""
+        manifest = parse_manifest(manifest_raw)
+        model_id = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
+        with self._locked():
+            for blob in manifest.blobs:
+                if not self.has_blob(blob.digest, blob.size):
+                    raise StoreError(f"blob {blob.digest} ({blob.size} bytes) is not in the store")
+            manifest_path = self.manifests_dir / model_id.removeprefix("sha256:")
+            if not manifest_path.exists():
+                write_atomic(manifest_path, manifest_raw)
+            entries = self.entries()
+            if not any(e.id == model_id for e in entries):
+                files = tuple(b.digest for b in manifest.blobs)
+                entries.append(IndexEntry(id=model_id, tags=(), files=files))
+            entries = _retag(entries, model_id, list(tags))
+            self._write_index(entries)
+            return next(e for e in entries if e.id == model_id)
+
+    def tag(self, model_id: str, tag: str) -> None:
+        """Point ``tag`` (canonical spelling) at the model, moving it off any other model."""
+        with self._locked():
+            entries = self.entries()
+            if not any(e.id == model_id for e in entries):
+                raise ModelNotFound()
+            self._write_index(_retag(entries, model_id, [tag]))
+
+    def untag(self, model_id: str, canonical: str) -> IndexEntry:
+        with self._locked():
+            entries = self.entries()
+            out = []
+            for e in entries:
+                if e.id == model_id:
+                    kept = tuple(t for t in e.tags if _canonical_tag(t) != canonical)
+                    e = IndexEntry(e.id, kept, e.files)
+                out.append(e)
+            self._write_index(out)
+            return next(e for e in out if e.id == model_id)
+
+    def delete(self, model_id: str) -> IndexEntry:
+        """Remove a model; blobs shared with other models stay. Returns the removed entry."""
+        with self._locked():
+            entries = self.entries()
+            doomed = next((e for e in entries if e.id == model_id), None)
+            if doomed is None:
+                raise ModelNotFound()
+            rest = [e for e in entries if e.id != model_id]
+            self._write_index(rest)  # commit point: from here the model is gone
+            still_used = {f for e in rest for f in e.files}
+            shutil.rmtree(self.bundles_dir / doomed.hex, ignore_errors=True)
+            (self.manifests_dir / doomed.hex).unlink(missing_ok=True)
+            for digest in doomed.files:
+                if digest not in still_used:
+                    self.blob_path(digest).unlink(missing_ok=True)
+            return doomed
+
+    def discard_blobs(self, digests: Iterable[str]) -> None:
+        """Drop blobs an aborted import wrote, unless a committed model uses them."""
+        with self._locked():
+            used = {f for e in self.entries() for f in e.files}
+            for digest in digests:
+                if digest not in used:
+                    self.blob_path(digest).unlink(missing_ok=True)
+
+    def purge(self) -> None:
+        with self._locked():
+            for name in _STORE_NAMES:
+                child = self.root / name
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink(missing_ok=True)
+            self._init_layout()
+
+    def disk_usage(self) -> int:
+        return sum(p.stat().st_size for p in self.blobs_dir.iterdir() if p.is_file())
+
+
+def _retag(entries: list[IndexEntry], model_id: str, tags: list[str]) -> list[IndexEntry]:
+    """Add ``tags`` to ``model_id`` and remove them from every other entry (tags are unique)."""
+    if not tags:
+        return entries
+    wanted = {_canonical_tag(t) for t in tags}
+    out = []
+    for e in entries:
+        kept = tuple(t for t in e.tags if _canonical_tag(t) not in wanted)
+        if e.id == model_id:
+            kept += tuple(tags)
+        out.append(IndexEntry(e.id, kept, e.files))
+    return out
