@@ -76,6 +76,6 @@ async def error_answers(request: web.Request, handler: Handler) -> web.StreamRes
 def _not_found_text(path: str) -> str:
     # DMR's models and engines handlers answer "not found"; the top-level mux says more.
     bare = path.removeprefix("/exp/vDD4.40")
-    if bare.startswith(("/models", "/engines/", "/v1/")):
+    if bare.startswith(("/models/", "/engines/", "/v1/")):
         return "not found"
     return "404 page not found"

@@ -7,8 +7,9 @@ import io
 
 from aiohttp import web
 
-from app.api.responses import json_line, json_response, plain_error
+from app.api.responses import json_line, json_response, plain_error, read_json
 from app.api.streams import BlockingBodyReader, write_chunks
+from app.distribution import reference
 from app.service.models import ModelService
 
 SERVICE = web.AppKey("model_service", ModelService)
@@ -82,7 +83,15 @@ async def load_model(request: web.Request) -> web.Response:
 
 
 async def create_model(request: web.Request) -> web.Response:
-    return plain_error(501, "pulling models is not implemented yet")
+    body = await read_json(request, "invalid request body")
+    ref = body.get("from") if isinstance(body, dict) else None
+    if not isinstance(ref, str):
+        return plain_error(400, "invalid request body")
+    try:
+        reference.parse(ref)
+    except reference.InvalidReference:
+        return plain_error(400, "Invalid model reference")
+    return plain_error(501, "error while pulling model: registry pulls are not implemented yet")
 
 
 async def openai_models(request: web.Request) -> web.Response:

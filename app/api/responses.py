@@ -7,6 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from app.errors import BadRequest
+
 
 def plain_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """Go's ``http.Error``: text/plain, nosniff, the message plus a newline."""
@@ -30,3 +32,15 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 
 def json_line(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+async def read_json(request: web.Request, invalid: str) -> Any:
+    """The request's JSON body; over the size cap or malformed, a 400 with DMR's text."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest("request too large") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequest(invalid) from None

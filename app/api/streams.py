@@ -6,7 +6,11 @@ import asyncio
 import io
 from collections.abc import Iterator
 
-from aiohttp import StreamReader, web
+from aiohttp import ClientPayloadError, StreamReader, web
+
+
+class ClientGone(EOFError):
+    """The client closed the connection before its body was complete: a truncated body."""
 
 
 class BlockingBodyReader(io.RawIOBase):
@@ -21,7 +25,10 @@ class BlockingBodyReader(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         read = self._content.read(len(buffer))
-        data = asyncio.run_coroutine_threadsafe(read, self._loop).result()
+        try:
+            data = asyncio.run_coroutine_threadsafe(read, self._loop).result()
+        except (ConnectionError, ClientPayloadError) as exc:
+            raise ClientGone(f"request body cut short: {exc}") from None
         buffer[: len(data)] = data
         return len(data)
 

@@ -13,7 +13,12 @@ import shutil
 import tarfile
 from typing import BinaryIO
 
-from app.distribution.manifest import MAX_MANIFEST_BYTES, InvalidManifest, parse_manifest
+from app.distribution.manifest import (
+    MAX_MANIFEST_BYTES,
+    InvalidManifest,
+    UnsupportedConfig,
+    parse_manifest,
+)
 from app.distribution.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
 from app.store.store import DigestMismatch, IndexEntry, ModelStore
 
@@ -37,6 +42,8 @@ def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
         manifest_raw = _read_members(store, stream, added)
         try:
             manifest = parse_manifest(manifest_raw)
+        except UnsupportedConfig:
+            raise
         except InvalidManifest as exc:
             raise InvalidArchive(f"invalid manifest.json: {exc}") from None
         for blob in manifest.blobs:
