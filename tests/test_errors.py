@@ -12,7 +12,7 @@ from tests.conftest import Server
 TEXT = "text/plain; charset=utf-8"
 
 
-def assert_plain(reply, status: int, body: str) -> None:  # noqa: ANN001
+def assert_plain(reply, status: int, body: str) -> None:
     assert reply.status == status, reply.text
     assert reply.headers["Content-Type"] == TEXT
     assert reply.headers["X-Content-Type-Options"] == "nosniff"

@@ -1,5 +1,5 @@
-"""``POST /models/load`` does not trust its upload: a truncated, corrupt or hostile tarball gets a
-clear 4xx and leaves nothing half-stored; a service killed mid-import restarts with a clean store."""
+"""``POST /models/load`` does not trust its upload: a truncated, corrupt or hostile tarball
+gets a clear 4xx and leaves nothing half-stored; a service killed mid-import restarts clean."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from app.packaging import artifact
 from app.distribution.tarball import iter_tar
+from app.packaging import artifact
 from tests.conftest import Server, free_port
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -45,7 +45,7 @@ def store_files(server: Server) -> list[str]:
     return sorted(p.name for p in (server.models_path / "blobs" / "sha256").iterdir())
 
 
-def upload(server: Server, body: bytes):  # noqa: ANN201
+def upload(server: Server, body: bytes):
     return server.tcp.request("POST", "/models/load", body, TAR)
 
 
@@ -67,7 +67,7 @@ def test_truncated_upload_stores_nothing(server: Server, tiny_gguf: Path):
 
 
 def test_corrupt_blob_is_refused(server: Server, tiny_gguf: Path):
-    built, tarball = tiny_tarball(tiny_gguf)
+    _built, tarball = tiny_tarball(tiny_gguf)
     data = bytearray(tarball)
     data[len(data) // 2] ^= 0xFF  # inside the GGUF blob
     assert_rejected(server, bytes(data), 400, "digest mismatch")

@@ -20,10 +20,51 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-WORDS = (
-    "the a an and of to in is it you that he was for on are with as I his they be at one have "
-    "this from hello world model test user assistant system what how why yes no ok Hello The What"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "of",
+    "to",
+    "in",
+    "is",
+    "it",
+    "you",
+    "that",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "with",
+    "as",
+    "I",
+    "his",
+    "they",
+    "be",
+    "at",
+    "one",
+    "have",
+    "this",
+    "from",
+    "hello",
+    "world",
+    "model",
+    "test",
+    "user",
+    "assistant",
+    "system",
+    "what",
+    "how",
+    "why",
+    "yes",
+    "no",
+    "ok",
+    "Hello",
+    "The",
+    "What",
+]
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 
 
