@@ -26,7 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "serve"
     try:
         return COMMANDS[command](args)
-    except (ClientError, GGUFError, StoreError, SettingsError, reference.InvalidReference) as exc:
+    except (
+        ClientError,
+        GGUFError,
+        StoreError,
+        SettingsError,
+        reference.InvalidReference,
+        OSError,
+    ) as exc:
         print(f"model-runner {command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -194,9 +201,10 @@ def cmd_package(args: argparse.Namespace) -> int:
     target = reference.parse(args.tag)  # fail on a bad tag before hashing gigabytes
     if args.context_size is not None and args.context_size <= 0:
         raise GGUFError("--context-size must be a positive number of tokens")
-    for extra in [*args.license, *([args.chat_template] if args.chat_template else [])]:
-        if not extra.is_file():
-            raise GGUFError(f"{extra}: no such file")
+    inputs = [args.gguf, *args.license, *([args.chat_template] if args.chat_template else [])]
+    for path in inputs:
+        if not path.is_file():
+            raise GGUFError(f"{path}: no such file")
     if args.store:
         store = ModelStore(Settings.from_env().models_path)
         if args.if_missing and _store_has(store, args.tag):

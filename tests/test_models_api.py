@@ -206,3 +206,25 @@ def test_root_and_version(call: Call):
     reply = call("GET", "/")
     assert (reply.status, reply.body) == (200, b"Docker Model Runner is running")
     assert json.loads(call("GET", "/version").body) == {"version": "0.1.0"}
+
+
+def test_concurrent_imports_and_tags_over_http(server: Server, tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.distribution.tarball import iter_tar
+    from app.packaging import artifact
+    from tests.tiny_gguf import write_tiny_gguf
+
+    builds = [artifact.build(write_tiny_gguf(tmp_path / f"{i}.gguf", seed=i)) for i in range(6)]
+
+    def load_and_tag(i: int) -> int:
+        b = builds[i]
+        client = server.unix if i % 2 else server.tcp
+        body = b"".join(iter_tar(b.tar_entries(), b.manifest))
+        assert client.request("POST", "/models/load", body).status == 200
+        return client.request("POST", f"/models/{b.id}/tag?repo=m{i}&tag=latest").status
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(load_and_tag, range(6))) == [201] * 6
+    listed = json.loads(server.tcp.request("GET", "/models").body)
+    assert sorted(m["tags"][0] for m in listed) == [f"docker.io/ai/m{i}:latest" for i in range(6)]

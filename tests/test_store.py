@@ -1,0 +1,112 @@
+"""The store keeps DMR's on-disk layout and stays consistent under concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from app.packaging import artifact
+from app.store import ModelStore, StoreError
+from app.store.store import DigestMismatch
+from tests.tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+def test_layout_is_dmrs(store: ModelStore, tiny_gguf: Path):
+    built = artifact.build(tiny_gguf)
+    entry = artifact.write_to_store(built, store, "docker.io/ai/tiny:latest")
+    root = store.root
+    assert json.loads((root / "layout.json").read_text()) == {"version": "1.0.0"}
+    index = json.loads((root / "models.json").read_text())
+    assert index == {
+        "models": [
+            {
+                "id": entry.id,
+                "tags": ["docker.io/ai/tiny:latest"],
+                "files": [*(lf.descriptor.digest for lf in built.layers), built.config_digest],
+            }
+        ]
+    }
+    manifest = (root / "manifests" / "sha256" / entry.hex).read_bytes()
+    assert "sha256:" + hashlib.sha256(manifest).hexdigest() == entry.id
+    gguf_hex = built.layers[0].descriptor.hex
+    assert (root / "blobs" / "sha256" / gguf_hex).read_bytes() == tiny_gguf.read_bytes()
+
+
+def test_tags_stored_by_older_dmr_builds_still_resolve(store: ModelStore, tiny_gguf: Path):
+    entry = artifact.write_to_store(artifact.build(tiny_gguf), store, "docker.io/ai/x:latest")
+    index = json.loads((store.root / "models.json").read_text())
+    index["models"][0]["tags"] = ["ai/old:latest", "literal"]
+    (store.root / "models.json").write_text(json.dumps(index))
+    assert store.resolve("old").id == entry.id
+    assert store.resolve("docker.io/ai/literal:latest").id == entry.id
+
+
+def test_blob_with_wrong_content_never_becomes_visible(store: ModelStore):
+    digest = "sha256:" + hashlib.sha256(b"right").hexdigest()
+    with pytest.raises(DigestMismatch), store.blob_writer(digest) as w:
+        w.write(b"wrong")
+        w.commit()
+    assert list(store.blobs_dir.iterdir()) == []
+
+
+def test_model_needs_all_its_blobs(store: ModelStore, tiny_gguf: Path):
+    built = artifact.build(tiny_gguf)
+    with pytest.raises(StoreError, match="is not in the store"):
+        store.add_model(built.manifest, ["docker.io/ai/x:latest"])
+    assert store.entries() == []
+    assert list(store.manifests_dir.iterdir()) == []
+
+
+def test_restart_drops_temp_files(tmp_path: Path):
+    store = ModelStore(tmp_path / "m")
+    (store.blobs_dir / ".tmp-abc").write_bytes(b"partial")
+    (store.root / ".tmp-index").write_bytes(b"{")
+    ModelStore(tmp_path / "m")
+    assert list(store.blobs_dir.iterdir()) == []
+    assert not (store.root / ".tmp-index").exists()
+
+
+def test_concurrent_writers_keep_the_index_whole(store: ModelStore, tmp_path: Path):
+    builds = [artifact.build(write_tiny_gguf(tmp_path / f"{i}.gguf", seed=i)) for i in range(6)]
+    # A second store object on the same directory stands in for a second process.
+    other = ModelStore(store.root)
+    barrier = threading.Barrier(len(builds))
+
+    def write(i: int) -> None:
+        barrier.wait()
+        target = store if i % 2 else other
+        artifact.write_to_store(builds[i], target, f"docker.io/ai/m{i}:latest")
+        target.tag(builds[i].id, f"docker.io/ai/shared{i % 2}:latest")
+
+    with ThreadPoolExecutor(len(builds)) as pool:
+        list(pool.map(write, range(len(builds))))
+    entries = store.entries()
+    assert {e.id for e in entries} == {b.id for b in builds}
+    for i, b in enumerate(builds):
+        assert store.resolve(f"m{i}").id == b.id
+    # A tag names exactly one model, whoever wrote last.
+    for shared in ("shared0", "shared1"):
+        assert sum(e.has_tag(f"docker.io/ai/{shared}:latest") for e in entries) == 1
+
+
+def test_delete_keeps_blobs_shared_with_other_models(store: ModelStore, tiny_gguf: Path):
+    a = artifact.write_to_store(artifact.build(tiny_gguf), store, "docker.io/ai/a:latest")
+    b = artifact.write_to_store(
+        artifact.build(tiny_gguf, context_size=64), store, "docker.io/ai/b:latest"
+    )
+    assert a.id != b.id
+    store.delete(a.id)
+    gguf_digest = b.files[0]
+    assert store.has_blob(gguf_digest)
+    store.delete(b.id)
+    assert list(store.blobs_dir.iterdir()) == []
