@@ -6,6 +6,7 @@ import http.client
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_HOST = "http://localhost:12434"
@@ -76,15 +77,9 @@ class ServiceClient:
         finally:
             conn.close()
 
-    def checked(
-        self,
-        method: str,
-        path: str,
-        body: bytes | Iterable[bytes] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
+    def checked(self, method: str, path: str, *args: Any, **kwargs: Any) -> Reply:
         """Like request(), but an error status raises ClientError with the service's message."""
-        reply = self.request(method, path, body, headers)
+        reply = self.request(method, path, *args, **kwargs)
         if reply.status >= 400:
             raise ClientError(reply.text or f"HTTP {reply.status}")
         return reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,15 +62,19 @@ def test_bad_value_names_the_variable(var: str, value: str):
         Settings.from_env({var: value})
 
 
-def test_service_refuses_to_start_with_one_line(tmp_path: Path):
-    result = subprocess.run(
+def serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "app", "serve"],
         cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "MODEL_RUNNER_PORT": "nope", "MODELS_PATH": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_service_refuses_to_start_with_one_line(tmp_path: Path):
+    result = serve_once({"MODEL_RUNNER_PORT": "nope", "MODELS_PATH": str(tmp_path)})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -78,15 +83,19 @@ def test_service_refuses_to_start_with_one_line(tmp_path: Path):
 
 def test_service_refuses_a_models_path_that_is_not_a_store(tmp_path: Path):
     (tmp_path / "precious.txt").write_text("not a model store")
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "serve"],
-        cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "MODEL_RUNNER_PORT": "1", "MODELS_PATH": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = serve_once({"MODEL_RUNNER_PORT": "1", "MODELS_PATH": str(tmp_path)})
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "does not hold a model store" in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "not a model store"
+
+
+def test_port_in_use_is_one_line(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = serve_once({"MODEL_RUNNER_PORT": str(port), "MODELS_PATH": str(tmp_path / "m")})
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr

@@ -35,6 +35,8 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if name.endswith("/export"):
         return await _export(request, name.removesuffix("/export"))
+    if _bool_param(request, "remote"):
+        return plain_error(501, "inspecting remote models is not implemented yet")
     return json_response(await asyncio.to_thread(_service(request).get_model, name))
 
 
