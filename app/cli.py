@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlencode
 
 from app import __version__
-from app.client import DEFAULT_HOST, ClientError, ServiceClient, model_path
+from app.client import ClientError, ServiceClient, model_path
 from app.distribution import reference
 from app.distribution.tarball import iter_tar
 from app.packaging import artifact
@@ -93,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- client commands ----------------------------------------------------------------------
 def _client() -> ServiceClient:
-    return ServiceClient(os.environ.get("MODEL_RUNNER_HOST") or DEFAULT_HOST)
+    return ServiceClient(Settings.from_env().host)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -198,7 +197,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 # -- package ------------------------------------------------------------------------------
 def cmd_package(args: argparse.Namespace) -> int:
-    target = reference.parse(args.tag)  # fail on a bad tag before hashing gigabytes
+    settings = Settings.from_env()
+    target = reference.parse(args.tag, settings.default_registry)  # fail before hashing GBs
     if args.context_size is not None and args.context_size <= 0:
         raise GGUFError("--context-size must be a positive number of tokens")
     inputs = [args.gguf, *args.license, *([args.chat_template] if args.chat_template else [])]
@@ -206,7 +206,7 @@ def cmd_package(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise GGUFError(f"{path}: no such file")
     if args.store:
-        store = ModelStore(Settings.from_env().models_path)
+        store = ModelStore(settings.models_path, settings.default_registry)
         if args.if_missing and _store_has(store, args.tag):
             print(f"{target.familiar} is already in the store")
             return 0

@@ -7,6 +7,7 @@ value stops start-up with one line naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,14 @@ class Settings:
     models_path: Path = Path.home() / ".docker" / "models"
     log_level: str = "info"
     log_format: str = "console"
+    # Registry for references that name none; DMR's DEFAULT_REGISTRY.
+    default_registry: str = "docker.io"
+    # Registries spoken to over plain HTTP ("*" for all), from INSECURE_REGISTRY.
+    insecure_registries: tuple[str, ...] = ()
+    # Docker's client config, for registry credentials (DOCKER_CONFIG is its directory).
+    docker_config: Path = Path.home() / ".docker" / "config.json"
+    # Where the CLI finds the service.
+    host: str = "http://localhost:12434"
     # JSON bodies (tags, configure, inference) are small; tar uploads stream and are not capped.
     max_body_bytes: int = 10 * 1024 * 1024
 
@@ -41,7 +50,14 @@ class Settings:
             models_path=_path(env, "MODELS_PATH", cls.models_path),
             log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, cls.log_level),
             log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, cls.log_format),
+            default_registry=_registry(env, "DEFAULT_REGISTRY", cls.default_registry),
+            insecure_registries=_insecure(env, "INSECURE_REGISTRY"),
+            docker_config=_docker_config(env, cls.docker_config),
+            host=_get(env, "MODEL_RUNNER_HOST") or cls.host,
         )
+
+    def is_insecure(self, registry: str) -> bool:
+        return "*" in self.insecure_registries or registry in self.insecure_registries
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
@@ -78,3 +94,37 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     if raw not in choices:
         raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
     return raw
+
+
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
+
+
+def _registry(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _get(env, name).lower()
+    if not raw:
+        return default
+    raw = raw.removeprefix("https://").removeprefix("http://").rstrip("/")
+    if not _HOST.match(raw):
+        raise SettingsError(
+            f"{name}={raw!r}: expected a registry host such as registry.example.com"
+        )
+    return "docker.io" if raw in _DOCKER_HUB_ALIASES else raw
+
+
+def _insecure(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = _get(env, name).lower()
+    if raw in ("", "false", "0"):
+        return ()
+    if raw in ("true", "1", "*"):
+        return ("*",)
+    hosts = tuple(h.strip() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if not _HOST.match(host):
+            raise SettingsError(f"{name}: {host!r} is not a registry host[:port]")
+    return hosts
+
+
+def _docker_config(env: Mapping[str, str], default: Path) -> Path:
+    directory = _get(env, "DOCKER_CONFIG")
+    return Path(directory).expanduser() / "config.json" if directory else default

@@ -90,7 +90,7 @@ async def create_model(request: web.Request) -> web.Response:
     if not isinstance(ref, str):
         return plain_error(400, "invalid request body")
     try:
-        reference.parse(ref)
+        _service(request).store.parse_reference(ref)
     except reference.InvalidReference:
         return plain_error(400, "Invalid model reference")
     return plain_error(501, "error while pulling model: registry pulls are not implemented yet")

@@ -61,7 +61,9 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
         ],
         client_max_size=settings.max_body_bytes,
     )
-    app[models.SERVICE] = ModelService(store or ModelStore(settings.models_path))
+    app[models.SERVICE] = ModelService(
+        store or ModelStore(settings.models_path, settings.default_registry)
+    )
     for method, path, handler in _routes():
         for prefixed in (path, DESKTOP_PREFIX + path):
             app.router.add_route(method, prefixed, handler)

@@ -88,8 +88,8 @@ class ModelService:
         text = ref.strip()
         by_tag = not reference.looks_like_id(text) and "@" not in text
         if by_tag:
-            canonical = str(reference.parse(text))
-            stored = next(t for t in entry.tags if str(reference.parse(t)) == canonical)
+            canonical = str(self.store.parse_reference(text))
+            stored = entry.stored_tag(canonical) or canonical
             if len(entry.tags) > 1:
                 self.store.untag(entry.id, canonical)
                 return [{"Untagged": stored}]
@@ -112,7 +112,7 @@ class ModelService:
             raise errors.BadRequest("missing repo or tag query parameter")
         target = f"{repo}:{tag}"
         try:
-            canonical = str(reference.parse(target))
+            canonical = str(self.store.parse_reference(target))
         except reference.InvalidReference as exc:
             raise errors.BadRequest(f"Invalid model reference: {exc}") from None
         entry = self._resolve_with_partial_name(ref)

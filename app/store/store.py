@@ -54,7 +54,11 @@ class IndexEntry:
         return self.id.removeprefix("sha256:")
 
     def has_tag(self, canonical: str) -> bool:
-        return any(_canonical_tag(tag) == canonical for tag in self.tags)
+        return self.stored_tag(canonical) is not None
+
+    def stored_tag(self, canonical: str) -> str | None:
+        """The tag as stored (spellings vary across DMR versions) that means ``canonical``."""
+        return next((tag for tag in self.tags if _canonical_tag(tag) == canonical), None)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "tags": list(self.tags), "files": list(self.files)}
@@ -84,8 +88,9 @@ class BlobWriter(AtomicFile):
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, default_registry: str = reference.DEFAULT_REGISTRY) -> None:
         self.root = root
+        self.default_registry = default_registry
         self.blobs_dir = root / "blobs" / "sha256"
         self.manifests_dir = root / "manifests" / "sha256"
         self.bundles_dir = root / "bundles" / "sha256"
@@ -159,7 +164,7 @@ class ModelStore:
             for entry in entries:
                 if full == entry.id or text in (entry.hex, entry.hex[:12]):
                     return entry
-        parsed = reference.parse(text)
+        parsed = self.parse_reference(text)
         if parsed.digest:
             for entry in entries:
                 if entry.id == parsed.digest:
@@ -170,6 +175,10 @@ class ModelStore:
             if entry.has_tag(canonical):
                 return entry
         raise ModelNotFound()
+
+    def parse_reference(self, text: str) -> reference.Reference:
+        """Parse a user's reference with this store's default registry."""
+        return reference.parse(text, self.default_registry)
 
     def find_by_partial_name(self, name: str) -> IndexEntry | None:
         """DMR's fallback: a tag whose last path component, less its ``:tag``, equals ``name``."""
