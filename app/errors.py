@@ -28,3 +28,7 @@ class Unsupported(ServiceError):
 
 class InsufficientStorage(ServiceError):
     """HTTP 507."""
+
+
+class Unauthorized(ServiceError):
+    """The registry refused our credentials, or wants some (HTTP 401)."""

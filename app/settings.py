@@ -57,7 +57,10 @@ class Settings:
         )
 
     def is_insecure(self, registry: str) -> bool:
-        return "*" in self.insecure_registries or registry in self.insecure_registries
+        """Plain HTTP for listed registries and, as Docker does, for loopback ones."""
+        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+        loopback = host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+        return loopback or "*" in self.insecure_registries or registry in self.insecure_registries
 
 
 def _get(env: Mapping[str, str], name: str) -> str:

@@ -18,6 +18,7 @@ log = get_logger("http")
 
 _STATUS = {
     errors.BadRequest: 400,
+    errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.Unsupported: 422,

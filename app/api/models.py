@@ -7,12 +7,15 @@ import io
 
 from aiohttp import web
 
+from app.api.progress_stream import stream_progress
 from app.api.responses import json_line, json_response, plain_error, read_json
 from app.api.streams import BlockingBodyReader, write_chunks
-from app.distribution import reference
+from app.errors import BadRequest
+from app.service.distribution import DistributionService
 from app.service.models import ModelService
 
 SERVICE = web.AppKey("model_service", ModelService)
+DISTRIBUTION = web.AppKey("distribution_service", DistributionService)
 
 
 def _service(request: web.Request) -> ModelService:
@@ -66,15 +69,17 @@ async def purge(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def model_action(request: web.Request) -> web.Response:
+async def model_action(request: web.Request) -> web.StreamResponse:
     """POST /models/{name...}/{action}: the action is the last path segment, as in DMR."""
     name, _, action = request.match_info["name"].rpartition("/")
     if action == "tag" and name:
         repo, tag = request.query.get("repo", ""), request.query.get("tag", "")
         body = await asyncio.to_thread(_service(request).tag_model, name, repo, tag)
         return json_response(body, status=201)
-    if action in ("push", "repackage") and name:
-        return plain_error(501, f"{action} is not implemented yet")
+    if action == "push" and name:
+        return await push_model(request, name)
+    if action == "repackage" and name:
+        return plain_error(501, "repackage is not implemented yet")
     return plain_error(404, f'unknown action "{action}"')
 
 
@@ -84,16 +89,31 @@ async def load_model(request: web.Request) -> web.Response:
     return web.Response(body=json_line(line), content_type="application/json")
 
 
-async def create_model(request: web.Request) -> web.Response:
+async def create_model(request: web.Request) -> web.StreamResponse:
+    ref, token = await _transfer_body(request, required=True)
+    dist = request.app[DISTRIBUTION]
+    plan = await dist.prepare_pull(ref, token)
+    return await stream_progress(request, dist.pull(plan), "pull")
+
+
+async def push_model(request: web.Request, name: str) -> web.StreamResponse:
+    _, token = await _transfer_body(request, required=False)
+    dist = request.app[DISTRIBUTION]
+    job = await dist.prepare_push(name, token)
+    return await stream_progress(request, dist.push(job), "push")
+
+
+async def _transfer_body(request: web.Request, required: bool) -> tuple[str, str | None]:
+    """``{"from": ref, "bearer-token": token}``; push allows an empty body (spec 3.1, 3.7)."""
+    if not required and not await request.read():
+        return "", None
     body = await read_json(request, "invalid request body")
-    ref = body.get("from") if isinstance(body, dict) else None
-    if not isinstance(ref, str):
-        return plain_error(400, "invalid request body")
-    try:
-        _service(request).store.parse_reference(ref)
-    except reference.InvalidReference:
-        return plain_error(400, "Invalid model reference")
-    return plain_error(501, "error while pulling model: registry pulls are not implemented yet")
+    if not isinstance(body, dict):
+        raise BadRequest("invalid request body")
+    ref, token = body.get("from", ""), body.get("bearer-token")
+    if (required and not isinstance(ref, str)) or not isinstance(token, str | None):
+        raise BadRequest("invalid request body")
+    return ref, token or None
 
 
 async def openai_models(request: web.Request) -> web.Response:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from app import __version__
@@ -13,6 +14,7 @@ from app.api import models
 from app.api.middleware import access_log, error_answers
 from app.api.responses import json_response
 from app.logging import get_logger
+from app.service.distribution import DistributionService
 from app.service.models import ModelService
 from app.settings import Settings
 from app.store import ModelStore
@@ -61,9 +63,15 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
         ],
         client_max_size=settings.max_body_bytes,
     )
-    app[models.SERVICE] = ModelService(
-        store or ModelStore(settings.models_path, settings.default_registry)
-    )
+    store = store or ModelStore(settings.models_path, settings.default_registry)
+    app[models.SERVICE] = ModelService(store)
+
+    async def registry_session(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            app[models.DISTRIBUTION] = DistributionService(store, settings, session)
+            yield
+
+    app.cleanup_ctx.append(registry_session)
     for method, path, handler in _routes():
         for prefixed in (path, DESKTOP_PREFIX + path):
             app.router.add_route(method, prefixed, handler)

@@ -23,6 +23,7 @@ from typing import Any
 from app.distribution import reference
 from app.distribution.manifest import Manifest, parse_manifest
 from app.store.atomic import TEMP_PREFIX, AtomicFile, write_atomic
+from app.store.partial import PartialBlob, remove_stale
 
 LAYOUT_VERSION = "1.0.0"
 # What a store holds at its top level; purge removes these and nothing else.
@@ -111,10 +112,12 @@ class ModelStore:
             write_atomic(layout, json.dumps({"version": LAYOUT_VERSION}).encode())
         if not self._index_path.exists():
             self._write_index([])
-        # Temp files are what a crash leaves behind mid-write; nothing refers to them.
+        # Temp files are what a crash leaves behind mid-write; nothing refers to them. Partial
+        # downloads are kept for resuming, unless nobody came back for them in a week.
         for d in (self.root, self.blobs_dir, self.manifests_dir):
             for tmp in d.glob(TEMP_PREFIX + "*"):
                 tmp.unlink(missing_ok=True)
+        remove_stale(self.blobs_dir)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -205,6 +208,10 @@ class ModelStore:
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.blob_path(digest), digest)
+
+    def partial_blob(self, digest: str, size: int) -> PartialBlob:
+        """Open (or resume) a download of a blob; see app.store.partial."""
+        return PartialBlob(self.blob_path(digest), digest, size)
 
     def manifest_bytes(self, entry: IndexEntry) -> bytes:
         return (self.manifests_dir / entry.hex).read_bytes()

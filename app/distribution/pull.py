@@ -1,0 +1,251 @@
+"""Pull a model from an OCI registry into the store (spec 3.1).
+
+``plan`` does everything that can fail with a clean HTTP status before any progress is streamed:
+parse the reference, authenticate, fetch and check the manifest and config. ``run`` downloads
+the missing layers in parallel, with progress, and commits the model last.
+
+Downloads are shared: a layer wanted by two pulls at once is fetched once, and both see its
+progress. A download stops when the last pull waiting for it goes away; its partial file stays
+for the next pull to resume with ``Range``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from app.distribution import progress
+from app.distribution.auth import load_credentials
+from app.distribution.manifest import Descriptor, Manifest, parse_manifest
+from app.distribution.reference import Reference
+from app.distribution.registry import Registry, RegistryError
+from app.logging import get_logger
+from app.settings import Settings
+from app.store import IndexEntry, ModelStore
+from app.store.partial import PartialBlob
+
+log = get_logger("pull")
+
+# DMR's limit: more pulls than this wait their turn.
+MAX_CONCURRENT_PULLS = 2
+# A network blip mid-blob is retried from where it stopped before the pull gives up.
+BLOB_ATTEMPTS = 3
+_WRITE_BATCH = 1024 * 1024
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+class PullError(RegistryError):
+    pass
+
+
+@dataclass
+class PullPlan:
+    ref: Reference
+    registry: Registry
+    manifest_raw: bytes
+    manifest: Manifest
+    model_id: str
+    cached: IndexEntry | None
+    config_raw: bytes = b""
+
+    @property
+    def tag(self) -> str | None:
+        return None if self.ref.digest else str(self.ref)
+
+
+async def open_registry(
+    session: aiohttp.ClientSession, ref: Reference, settings: Settings, bearer_token: str | None
+) -> Registry:
+    credentials = await asyncio.to_thread(load_credentials, settings.docker_config, ref.registry)
+    return Registry(
+        session=session,
+        ref=ref,
+        insecure=settings.is_insecure(ref.registry),
+        credentials=credentials,
+        bearer_token=bearer_token,
+    )
+
+
+@dataclass
+class _Download:
+    """One blob being fetched, and the pulls watching it."""
+
+    descriptor: Descriptor
+    current: int = 0
+    listeners: set[Callable[[int], None]] = field(default_factory=set)
+    waiters: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def report(self, current: int) -> None:
+        self.current = current
+        for listener in list(self.listeners):
+            listener(current)
+
+
+class Puller:
+    def __init__(
+        self, store: ModelStore, settings: Settings, session: aiohttp.ClientSession
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.session = session
+        self._downloads: dict[str, _Download] = {}
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_PULLS)
+
+    async def plan(self, ref_text: str, bearer_token: str | None = None) -> PullPlan:
+        ref = self.store.parse_reference(ref_text)
+        registry = await open_registry(self.session, ref, self.settings, bearer_token)
+        raw, media_type = await registry.manifest()
+        if media_type in _INDEX_TYPES:
+            raise PullError(f"{ref} is a multi-platform image index, not a model")
+        model_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if ref.digest and ref.digest != model_id:
+            raise PullError(f"manifest digest mismatch: asked for {ref.digest}, got {model_id}")
+        manifest = parse_manifest(raw)
+        cached = next((e for e in self.store.entries() if e.id == model_id), None)
+        plan = PullPlan(ref, registry, raw, manifest, model_id, cached)
+        if cached is None and not self.store.has_blob(manifest.config.digest, manifest.config.size):
+            size = min(manifest.config.size, _MAX_CONFIG_BYTES)
+            plan.config_raw = await registry.blob_bytes(manifest.config.digest, size)
+        return plan
+
+    async def run(self, plan: PullPlan) -> AsyncIterator[progress.Message]:
+        if plan.cached is not None:
+            if plan.tag:
+                await asyncio.to_thread(self.store.tag, plan.model_id, plan.tag)
+            yield progress.message("success", f"Using cached model: {self._size(plan.cached)}")
+            return
+        async with self._slots:
+            if plan.config_raw:
+                await asyncio.to_thread(self._write_config, plan)
+            async for line in self._download_layers(plan):
+                yield line
+            tags = [plan.tag] if plan.tag else []
+            await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
+        log.info("model pulled", model=str(plan.ref), id=plan.model_id)
+        yield progress.message("success", "Model pulled successfully")
+
+    def _size(self, entry: IndexEntry) -> str:
+        try:
+            return str(self.store.config(entry).get("config", {}).get("size", ""))
+        except (OSError, ValueError):
+            return ""
+
+    def _write_config(self, plan: PullPlan) -> None:
+        with self.store.blob_writer(plan.manifest.config.digest) as w:
+            w.write(plan.config_raw)
+            w.commit()
+
+    async def _download_layers(self, plan: PullPlan) -> AsyncIterator[progress.Message]:
+        layers = {layer.digest: layer for layer in plan.manifest.layers}
+        total = sum(layer.size for layer in layers.values())
+        missing = [d for d in layers.values() if not self.store.has_blob(d.digest, d.size)]
+        queue: asyncio.Queue[progress.Message] = asyncio.Queue()
+        waits = []
+        for desc in missing:
+            reporter = progress.LayerReporter(
+                queue.put_nowait, "pull", total, desc.digest, desc.size
+            )
+            waits.append(self._wait_for(desc, plan.registry, reporter))
+        async for line in progress.relay(queue, all_or_nothing(waits)):
+            yield line
+
+    async def _wait_for(
+        self, desc: Descriptor, registry: Registry, reporter: Callable[[int], None]
+    ) -> None:
+        download = self._downloads.get(desc.digest)
+        if download is None:
+            download = _Download(desc)
+            download.task = asyncio.create_task(self._fetch(download, registry))
+            self._downloads[desc.digest] = download
+            download.task.add_done_callback(lambda _: self._downloads.pop(desc.digest, None))
+        download.listeners.add(reporter)
+        download.waiters += 1
+        reporter(download.current)
+        try:
+            assert download.task is not None
+            await asyncio.shield(download.task)
+        finally:
+            download.waiters -= 1
+            download.listeners.discard(reporter)
+            if download.waiters == 0 and download.task is not None and not download.task.done():
+                download.task.cancel()
+
+    async def _fetch(self, download: _Download, registry: Registry) -> None:
+        desc = download.descriptor
+        partial = await asyncio.to_thread(self.store.partial_blob, desc.digest, desc.size)
+        try:
+            if partial.size:
+                log.info("resuming download", blob=desc.digest, offset=partial.size)
+            for attempt in range(1, BLOB_ATTEMPTS + 1):
+                try:
+                    await self._stream_into(partial, download, registry)
+                    break
+                except (
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientConnectionError,
+                    TimeoutError,
+                ) as exc:
+                    if attempt == BLOB_ATTEMPTS:
+                        raise PullError(
+                            f"downloading {desc.digest} failed: {exc or 'timed out'}"
+                        ) from None
+                    log.warning(
+                        "blob download interrupted, resuming", blob=desc.digest, error=str(exc)
+                    )
+                    await asyncio.sleep(0.5 * attempt)
+            await asyncio.to_thread(partial.commit)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(partial.close))
+            raise
+
+    async def _stream_into(
+        self, partial: PartialBlob, download: _Download, registry: Registry
+    ) -> None:
+        resp = await registry.open_blob(download.descriptor.digest, partial.size)
+        async with resp:
+            if resp.status != 206 and partial.size:
+                await asyncio.to_thread(partial.restart)  # the registry ignored Range
+            download.report(partial.size)
+            pending: asyncio.Future[None] | None = None
+            buffer = bytearray()
+            try:
+                # Network reads and disk writes overlap: the next chunk arrives while the last
+                # one is hashed and written in a worker thread.
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    if len(buffer) < _WRITE_BATCH:
+                        continue
+                    if pending is not None:
+                        await pending
+                        download.report(partial.size)
+                    pending = asyncio.ensure_future(asyncio.to_thread(partial.write, bytes(buffer)))
+                    buffer.clear()
+            finally:
+                # Never leave a write running in a thread while the file is closed or resumed.
+                if pending is not None:
+                    await asyncio.shield(pending)
+            if buffer:
+                await asyncio.to_thread(partial.write, bytes(buffer))
+            download.report(partial.size)
+        if partial.size < download.descriptor.size:
+            raise aiohttp.ClientPayloadError("the registry closed the blob stream early")
+
+
+async def all_or_nothing(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run all; on the first failure cancel the rest and raise that failure itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coro in coros:
+                group.create_task(coro)
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None

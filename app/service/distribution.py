@@ -1,0 +1,92 @@
+"""Pull and push for the HTTP API and the CLI: registry errors become DMR's answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+
+from app import errors
+from app.distribution import progress, pull, push, reference, registry
+from app.distribution.manifest import InvalidManifest, UnsupportedConfig
+from app.settings import Settings
+from app.store import ModelNotFound, ModelStore, StoreError
+from app.store.partial import PartialBlobError
+
+
+@contextmanager
+def _mapped(action: str) -> Iterator[None]:
+    """Registry and store failures as the status and text DMR gives them (spec 3.1, 3.7)."""
+    try:
+        yield
+    except reference.InvalidReference:
+        raise errors.BadRequest("Invalid model reference") from None
+    except registry.Unauthorized:
+        raise errors.Unauthorized("Unauthorized") from None
+    except (registry.NotFound, ModelNotFound):
+        raise errors.NotFound("Model not found") from None
+    except UnsupportedConfig as exc:
+        raise errors.Unsupported(str(exc)) from None
+    except (registry.RegistryError, InvalidManifest, StoreError, PartialBlobError, OSError) as exc:
+        raise errors.ServiceError(f"error while {action} model: {exc}") from None
+
+
+@dataclass
+class PushJob:
+    registry: registry.Registry
+    manifest_raw: bytes
+    blobs: list[push.BlobSource]
+    total: int
+
+
+class DistributionService:
+    def __init__(
+        self, store: ModelStore, settings: Settings, session: aiohttp.ClientSession
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.session = session
+        self.puller = pull.Puller(store, settings, session)
+
+    async def prepare_pull(self, ref: str, bearer_token: str | None) -> pull.PullPlan:
+        with _mapped("pulling"):
+            return await self.puller.plan(ref, bearer_token)
+
+    def pull(self, plan: pull.PullPlan) -> AsyncIterator[progress.Message]:
+        return _mapped_stream(self.puller.run(plan), "pulling")
+
+    async def prepare_push(self, ref: str, bearer_token: str | None) -> PushJob:
+        with _mapped("pushing"):
+            target = self.store.parse_reference(ref)
+            if reference.looks_like_id(ref.strip()) or target.digest:
+                raise reference.InvalidReference("push needs a name with a tag, not an ID")
+            entry = self.store.resolve(ref)
+            manifest = self.store.manifest(entry)
+            blobs = [
+                push.BlobSource(d, _opener(self.store.blob_path(d.digest))) for d in manifest.blobs
+            ]
+            reg = await pull.open_registry(self.session, target, self.settings, bearer_token)
+            await reg.check_push_access()
+            total = sum(d.size for d in manifest.layers)
+            return PushJob(reg, self.store.manifest_bytes(entry), blobs, total)
+
+    def push(self, job: PushJob) -> AsyncIterator[progress.Message]:
+        return _mapped_stream(
+            push.push(job.registry, job.manifest_raw, job.blobs, job.total), "pushing"
+        )
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    return lambda: open(path, "rb")
+
+
+async def _mapped_stream(
+    lines: AsyncIterator[progress.Message], action: str
+) -> AsyncIterator[progress.Message]:
+    with _mapped(action):
+        async for line in lines:
+            yield line
