@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
+import aiohttp
+
 from app import __version__
 from app.client import ClientError, ServiceClient, model_path
 from app.distribution import reference
 from app.distribution.tarball import iter_tar
+from app.errors import ServiceError
 from app.packaging import artifact
 from app.packaging.gguf_config import GGUFError
+from app.progress_view import ProgressView, TransferFailed
 from app.settings import Settings, SettingsError
 from app.store import ModelStore, StoreError
 
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         SettingsError,
         reference.InvalidReference,
         OSError,
+        ServiceError,
+        TransferFailed,
     ) as exc:
         print(f"model-runner {command}: {exc}", file=sys.stderr)
         return 1
@@ -62,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     tag.add_argument("source")
     tag.add_argument("target")
 
+    pull = sub.add_parser("pull", help="pull a model from a registry, with progress")
+    pull.add_argument("model")
+    push = sub.add_parser("push", help="push a model to a registry, with progress")
+    push.add_argument("model")
+
     pkg = sub.add_parser("package", help="package a GGUF file as a DMR model artifact")
     pkg.add_argument("--gguf", type=Path, required=True, help="GGUF file (first shard if split)")
     pkg.add_argument("--license", type=Path, action="append", default=[], help="license file")
@@ -71,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--load", action="store_true", help="load into the running service")
     where.add_argument(
         "--store", action="store_true", help="write straight into MODELS_PATH (no service needed)"
+    )
+    where.add_argument(
+        "--push", action="store_true", help="push straight to the registry in TAG (no service)"
     )
     pkg.add_argument(
         "--if-missing", action="store_true", help="do nothing when TAG already names a model"
@@ -195,6 +209,26 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    body = json.dumps({"from": args.model}).encode()
+    return _transfer("POST", "/models/create", body, ProgressView(verb="Downloading"))
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    return _transfer("POST", f"{model_path(args.model)}/push", b"", ProgressView(verb="Uploading"))
+
+
+def _transfer(method: str, path: str, body: bytes, view: ProgressView) -> int:
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    try:
+        for line in _client().lines(method, path, body, headers):
+            view.feed(line)
+    finally:
+        view.close()
+    print(view.result or "done")
+    return 0
+
+
 # -- package ------------------------------------------------------------------------------
 def cmd_package(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
@@ -214,12 +248,14 @@ def cmd_package(args: argparse.Namespace) -> int:
         entry = artifact.write_to_store(built, store, str(target))
         print(f"Stored {entry.id} as {target.familiar}")
         return 0
+    if args.push:
+        return asyncio.run(_push_artifact(_build(args), args.tag, settings))
     client = _client()
     if args.if_missing and client.request("GET", model_path(args.tag)).status == 200:
         print(f"{target.familiar} is already loaded")
         return 0
     built = _build(args)
-    chunks = iter_tar(built.tar_entries(), built.manifest)
+    chunks = iter_tar(built.blob_sources(), built.manifest)
     client.checked("POST", "/models/load", chunks, {"Content-Type": "application/x-tar"})
     print(_tag(client, built.id, args.tag))
     return 0
@@ -232,6 +268,24 @@ def _build(args: argparse.Namespace) -> artifact.Artifact:
         chat_template=args.chat_template,
         context_size=args.context_size,
     )
+
+
+async def _push_artifact(built: artifact.Artifact, tag: str, settings: Settings) -> int:
+    from app.service.distribution import DistributionService
+
+    store = ModelStore(settings.models_path, settings.default_registry)
+    blobs = built.blob_sources()
+    view = ProgressView(verb="Uploading")
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        dist = DistributionService(store, settings, session)
+        job = await dist.prepare_push_blobs(tag, built.manifest, blobs, None)
+        try:
+            async for line in dist.push(job):
+                view.feed(json.dumps(line).encode())
+        finally:
+            view.close()
+    print(view.result)
+    return 0
 
 
 def _store_has(store: ModelStore, ref: str) -> bool:
@@ -249,4 +303,6 @@ COMMANDS = {
     "rm": cmd_rm,
     "tag": cmd_tag,
     "package": cmd_package,
+    "pull": cmd_pull,
+    "push": cmd_push,
 }

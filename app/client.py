@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import http.client
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -83,6 +83,28 @@ class ServiceClient:
         if reply.status >= 400:
             raise ClientError(reply.text or f"HTTP {reply.status}")
         return reply
+
+    def lines(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Iterator[bytes]:
+        """A streamed response, line by line; an error status raises ClientError first."""
+        conn = self._connection()
+        try:
+            conn.request(method, self._base + path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                text = resp.read().decode("utf-8", "replace").strip()
+                raise ClientError(text or f"HTTP {resp.status}")
+            while line := resp.readline():
+                yield line
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(f"cannot reach the model runner at {self.host}: {exc}") from None
+        finally:
+            conn.close()
 
 
 def model_path(ref: str) -> str:

@@ -90,7 +90,9 @@ def test_pull_body_errors(server: Server):
     assert_plain(
         server.tcp.request("POST", "/models/create", b"{not json"), 400, "invalid request body"
     )
-    assert_plain(server.tcp.request("POST", "/models/create", b"{}"), 400, "Invalid model reference")
+    assert_plain(
+        server.tcp.request("POST", "/models/create", b"{}"), 400, "Invalid model reference"
+    )
     reply = server.tcp.request("POST", "/models/create", json.dumps({"from": "Bad..Ref"}).encode())
     assert_plain(reply, 400, "Invalid model reference")
 

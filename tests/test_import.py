@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from app.distribution.blobs import BlobSource
 from app.distribution.tarball import iter_tar
 from app.packaging import artifact
 from tests.conftest import Server, free_port
@@ -24,7 +25,7 @@ TAR = {"Content-Type": "application/x-tar"}
 
 def tiny_tarball(gguf: Path) -> tuple[artifact.Artifact, bytes]:
     built = artifact.build(gguf)
-    return built, b"".join(iter_tar(built.tar_entries(), built.manifest))
+    return built, b"".join(iter_tar(built.blob_sources(), built.manifest))
 
 
 def tar_of(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
@@ -39,6 +40,11 @@ def file_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     return info, data
+
+
+def blob_member(blob: BlobSource) -> tuple[tarfile.TarInfo, bytes]:
+    with blob.open() as f:
+        return file_member(f"blobs/sha256/{blob.descriptor.hex}", f.read())
 
 
 def store_files(server: Server) -> list[str]:
@@ -98,7 +104,7 @@ def test_links_and_devices_are_refused(server: Server):
 
 def test_manifest_problems(server: Server, tiny_gguf: Path):
     built, _ = tiny_tarball(tiny_gguf)
-    blobs = [file_member(e.name, e.open().read()) for e in built.tar_entries()]
+    blobs = [blob_member(b) for b in built.blob_sources()]
     assert_rejected(server, tar_of(*blobs), 400, "archive has no manifest.json")
     assert_rejected(
         server, tar_of(*blobs, file_member("manifest.json", b"{nope")), 400, "invalid manifest.json"
@@ -127,7 +133,7 @@ def test_failed_import_keeps_blobs_of_stored_models(server: Server, tiny_gguf: P
             "digest": "sha256:" + "1" * 64,
         }
     )
-    blobs = [file_member(e.name, e.open().read()) for e in built.tar_entries()]
+    blobs = [blob_member(b) for b in built.blob_sources()]
     reply = upload(server, tar_of(*blobs, file_member("manifest.json", json.dumps(doc).encode())))
     assert reply.status == 400
     assert store_files(server) == before

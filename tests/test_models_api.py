@@ -220,7 +220,7 @@ def test_concurrent_imports_and_tags_over_http(server: Server, tmp_path: Path):
     def load_and_tag(i: int) -> int:
         b = builds[i]
         client = server.unix if i % 2 else server.tcp
-        body = b"".join(iter_tar(b.tar_entries(), b.manifest))
+        body = b"".join(iter_tar(b.blob_sources(), b.manifest))
         assert client.request("POST", "/models/load", body).status == 200
         return client.request("POST", f"/models/{b.id}/tag?repo=m{i}&tag=latest").status
 

@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from app.distribution import progress
-from app.distribution.manifest import Descriptor
+from app.distribution.blobs import BlobSource
 from app.distribution.pull import all_or_nothing
 from app.distribution.registry import Registry
 
 CHUNK = 32 * 1024 * 1024
 _PIECE = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class BlobSource:
-    descriptor: Descriptor
-    open: Callable[[], BinaryIO]
 
 
 async def push(

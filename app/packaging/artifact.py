@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.distribution import manifest as mt
-from app.distribution.manifest import Descriptor, Manifest
-from app.distribution.tarball import BLOBS_DIR, CHUNK, TarEntry, blob_entry
+from app.distribution.blobs import BlobSource, file_source
+from app.distribution.manifest import CONFIG_V01, Descriptor, Manifest
+from app.distribution.tarball import CHUNK
 from app.packaging.gguf_config import discover_shards, extract_config
 from app.store import IndexEntry, ModelStore
 
@@ -37,17 +38,12 @@ class Artifact:
     def config_digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.config).hexdigest()
 
-    def tar_entries(self) -> list[TarEntry]:
-        entries = [
-            blob_entry(lf.descriptor.digest, lf.path, lf.descriptor.size) for lf in self.layers
-        ]
+    def blob_sources(self) -> list[BlobSource]:
+        """Every blob (layers, then config) with a way to read it."""
         config = self.config
-        entries.append(
-            TarEntry(
-                f"{BLOBS_DIR}/{self.config_digest[7:]}", len(config), lambda: io.BytesIO(config)
-            )
-        )
-        return entries
+        config_desc = Descriptor(CONFIG_V01, self.config_digest, len(config))
+        layers = [file_source(lf.descriptor, lf.path) for lf in self.layers]
+        return [*layers, BlobSource(config_desc, lambda: io.BytesIO(config))]
 
 
 def build(
@@ -70,7 +66,7 @@ def build(
     }
     config = json.dumps(config_doc, separators=(",", ":")).encode()
     config_desc = Descriptor(
-        media_type=mt.CONFIG_V01,
+        media_type=CONFIG_V01,
         digest="sha256:" + hashlib.sha256(config).hexdigest(),
         size=len(config),
     )

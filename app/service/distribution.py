@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
 
 import aiohttp
 
 from app import errors
 from app.distribution import progress, pull, push, reference, registry
-from app.distribution.manifest import InvalidManifest, UnsupportedConfig
+from app.distribution.blobs import BlobSource, file_source
+from app.distribution.manifest import InvalidManifest, UnsupportedConfig, parse_manifest
 from app.settings import Settings
 from app.store import ModelNotFound, ModelStore, StoreError
 from app.store.partial import PartialBlobError
@@ -39,7 +38,7 @@ def _mapped(action: str) -> Iterator[None]:
 class PushJob:
     registry: registry.Registry
     manifest_raw: bytes
-    blobs: list[push.BlobSource]
+    blobs: list[BlobSource]
     total: int
 
 
@@ -60,28 +59,33 @@ class DistributionService:
         return _mapped_stream(self.puller.run(plan), "pulling")
 
     async def prepare_push(self, ref: str, bearer_token: str | None) -> PushJob:
+        """Push a stored model under the name it is asked for by."""
+        with _mapped("pushing"):
+            entry = self.store.resolve(ref)
+            manifest = self.store.manifest(entry)
+            blobs = [file_source(d, self.store.blob_path(d.digest)) for d in manifest.blobs]
+            raw = self.store.manifest_bytes(entry)
+        return await self.prepare_push_blobs(ref, raw, blobs, bearer_token)
+
+    async def prepare_push_blobs(
+        self, ref: str, manifest_raw: bytes, blobs: list[BlobSource], bearer_token: str | None
+    ) -> PushJob:
+        """Everything that can fail with a clean status before progress starts: the name,
+        the registry's answer, and our right to push there."""
         with _mapped("pushing"):
             target = self.store.parse_reference(ref)
             if reference.looks_like_id(ref.strip()) or target.digest:
                 raise reference.InvalidReference("push needs a name with a tag, not an ID")
-            entry = self.store.resolve(ref)
-            manifest = self.store.manifest(entry)
-            blobs = [
-                push.BlobSource(d, _opener(self.store.blob_path(d.digest))) for d in manifest.blobs
-            ]
             reg = await pull.open_registry(self.session, target, self.settings, bearer_token)
             await reg.check_push_access()
-            total = sum(d.size for d in manifest.layers)
-            return PushJob(reg, self.store.manifest_bytes(entry), blobs, total)
+        layers = {d.digest for d in parse_manifest(manifest_raw).layers}
+        total = sum(b.descriptor.size for b in blobs if b.descriptor.digest in layers)
+        return PushJob(reg, manifest_raw, blobs, total)
 
     def push(self, job: PushJob) -> AsyncIterator[progress.Message]:
         return _mapped_stream(
             push.push(job.registry, job.manifest_raw, job.blobs, job.total), "pushing"
         )
-
-
-def _opener(path: Path) -> Callable[[], BinaryIO]:
-    return lambda: open(path, "rb")
 
 
 async def _mapped_stream(

@@ -11,8 +11,9 @@ from typing import Any, BinaryIO
 
 from app import errors
 from app.distribution import reference
+from app.distribution.blobs import file_source
 from app.distribution.manifest import InvalidManifest, UnsupportedConfig
-from app.distribution.tarball import TarEntry, blob_entry, iter_tar
+from app.distribution.tarball import iter_tar
 from app.logging import get_logger
 from app.service.views import model_json, openai_json
 from app.store import IndexEntry, ModelNotFound, ModelStore, StoreError, importer
@@ -143,7 +144,5 @@ class ModelService:
         entry = self._resolve(ref)
         manifest = self.store.manifest(entry)
         raw = self.store.manifest_bytes(entry)
-        tar_entries: list[TarEntry] = [
-            blob_entry(b.digest, self.store.blob_path(b.digest), b.size) for b in manifest.blobs
-        ]
-        return f"{ref}.tar", iter_tar(tar_entries, raw)
+        blobs = [file_source(d, self.store.blob_path(d.digest)) for d in manifest.blobs]
+        return f"{ref}.tar", iter_tar(blobs, raw)
