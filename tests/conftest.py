@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ from pathlib import Path
 import pytest
 
 from app.client import ClientError, ServiceClient
+from tests.netutil import free_port
+from tests.registry import LocalRegistry, registry_available
 from tests.tiny_gguf import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -116,3 +111,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
     if srv.proc is not None and srv.proc.poll() is None:
         srv.stop(signal.SIGKILL)
     srv.sock.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    if not registry_available():
+        pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
+    reg = LocalRegistry(tmp_path / "registry").start()
+    yield reg
+    reg.stop()

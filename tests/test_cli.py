@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import Server, free_port
+from tests.conftest import Server
+from tests.netutil import free_port
 from tests.tiny_gguf import write_tiny_gguf
 
 

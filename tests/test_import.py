@@ -17,7 +17,8 @@ import pytest
 from app.distribution.blobs import BlobSource
 from app.distribution.tarball import iter_tar
 from app.packaging import artifact
-from tests.conftest import Server, free_port
+from tests.conftest import Server
+from tests.netutil import free_port
 from tests.tiny_gguf import write_tiny_gguf
 
 TAR = {"Content-Type": "application/x-tar"}

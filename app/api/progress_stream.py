@@ -38,13 +38,20 @@ async def stream_progress(
         text = json.dumps(message, separators=(",", ":"))
         await response.write(((text if as_json else progress.html_escape(text)) + "\n").encode())
 
+    action = "pulling" if mode == "pull" else "pushing"
     try:
         async for message in lines:
             await send(message)
-    except errors.ServiceError as exc:
-        reason = str(exc).split(": ", 1)[-1]
-        log.warning("transfer failed", mode=mode, error=str(exc))
+    except Exception as exc:
+        # The status line is gone; whatever failed must reach the client inside the stream.
+        if isinstance(exc, errors.ServiceError):
+            text = str(exc)
+            log.warning("transfer failed", mode=mode, error=text)
+        else:
+            text = f"error while {action} model: internal error: {exc}"
+            log.exception("transfer failed", mode=mode)
+        reason = text.split(": ", 1)[-1]
         await send(progress.message("error", f"Error: {reason}", mode))
-        await response.write((str(exc) + "\n").encode())
+        await response.write((text + "\n").encode())
     await response.write_eof()
     return response

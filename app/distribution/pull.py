@@ -170,7 +170,8 @@ class Puller:
             download.task.add_done_callback(lambda _: self._downloads.pop(desc.digest, None))
         download.listeners.add(reporter)
         download.waiters += 1
-        reporter(download.current)
+        if download.current:  # joining a download under way: show where it is
+            reporter(download.current)
         try:
             assert download.task is not None
             await asyncio.shield(download.task)

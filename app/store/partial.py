@@ -87,6 +87,8 @@ class PartialBlob:
 
     def close(self) -> None:
         """Stop here and keep the bytes for a later resume."""
+        if self._file.closed:
+            return
         with contextlib.suppress(OSError):
             self._file.flush()
         self._file.close()
