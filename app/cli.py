@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     pkg.add_argument("--license", type=Path, action="append", default=[], help="license file")
     pkg.add_argument("--chat-template", type=Path, help="Jinja chat template file")
     pkg.add_argument("--context-size", type=int, help="context size in tokens")
+    pkg.add_argument("--mmproj", type=Path, help="multimodal projector GGUF")
     where = pkg.add_mutually_exclusive_group(required=True)
     where.add_argument("--load", action="store_true", help="load into the running service")
     where.add_argument(
@@ -235,7 +236,8 @@ def cmd_package(args: argparse.Namespace) -> int:
     target = reference.parse(args.tag, settings.default_registry)  # fail before hashing GBs
     if args.context_size is not None and args.context_size <= 0:
         raise GGUFError("--context-size must be a positive number of tokens")
-    inputs = [args.gguf, *args.license, *([args.chat_template] if args.chat_template else [])]
+    extras = [p for p in (args.chat_template, args.mmproj) if p is not None]
+    inputs = [args.gguf, *args.license, *extras]
     for path in inputs:
         if not path.is_file():
             raise GGUFError(f"{path}: no such file")
@@ -267,6 +269,7 @@ def _build(args: argparse.Namespace) -> artifact.Artifact:
         licenses=args.license,
         chat_template=args.chat_template,
         context_size=args.context_size,
+        mmproj=args.mmproj,
     )
 
 

@@ -80,6 +80,8 @@ def test_push_then_pull_round_trip(server: Server, registry: LocalRegistry, tiny
     assert lines[-1]["type"] == "success" and lines[-1]["message"] == "Model pulled successfully"
     [pulled] = models(server)
     assert pulled["id"] == local["id"] and pulled["tags"] == [ref]
+    bundled = server.models_path / "bundles/sha256" / pulled["id"][7:] / "model/model.gguf"
+    assert bundled.read_bytes() == tiny_gguf.read_bytes()  # ready for a runner
 
     # A second pull finds the digest in the store and only re-applies the tag.
     server.tcp.request("POST", f"/models/{ref}/tag?repo={registry.host}/org/tiny&tag=other")

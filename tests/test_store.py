@@ -110,3 +110,52 @@ def test_delete_keeps_blobs_shared_with_other_models(store: ModelStore, tiny_ggu
     assert store.has_blob(gguf_digest)
     store.delete(b.id)
     assert list(store.blobs_dir.iterdir()) == []
+
+
+def test_bundle_of_a_sharded_model_starts_at_the_first_shard(store: ModelStore, tmp_path: Path):
+    shards = [write_tiny_gguf(tmp_path / f"m-{i:05d}-of-00003.gguf", seed=i) for i in (1, 2, 3)]
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    mmproj = write_tiny_gguf(tmp_path / "proj.gguf", seed=9)
+    built = artifact.build(shards[0], chat_template=template, mmproj=mmproj)
+    entry = artifact.write_to_store(built, store, "docker.io/ai/sharded:latest")
+    b = store.bundle(entry)
+    assert b.gguf == b.root / "model" / "model-00001-of-00003.gguf"
+    names = sorted(p.name for p in (b.root / "model").iterdir())
+    assert names == [
+        "model-00001-of-00003.gguf",
+        "model-00002-of-00003.gguf",
+        "model-00003-of-00003.gguf",
+        "model.mmproj",
+        "template.jinja",
+    ]
+    for i, shard in enumerate(shards, start=1):
+        linked = b.root / "model" / f"model-{i:05d}-of-00003.gguf"
+        assert linked.read_bytes() == shard.read_bytes()
+        assert (
+            linked.stat().st_ino
+            == store.blob_path(built.layers[i - 1].descriptor.digest).stat().st_ino
+        )
+    assert b.chat_template is not None and b.chat_template.read_text() == "{{ messages }}"
+    assert b.mmproj == b.root / "model" / "model.mmproj"
+    assert json.loads((b.root / "config.json").read_text())["format"] == "gguf"
+    store.delete(entry.id)
+    assert not b.root.exists()
+
+
+def test_bundle_refuses_paths_that_leave_it(tiny_gguf: Path):
+    from app.distribution import manifest as mt
+    from app.store import bundle
+
+    built = artifact.build(tiny_gguf)
+    doc = json.loads(built.manifest)
+    doc["layers"].append(
+        {
+            "mediaType": "application/vnd.docker.ai.model.file",
+            "digest": "sha256:" + "0" * 64,
+            "size": 1,
+            "annotations": {mt.ANNOTATION_FILEPATH: "../../etc/cron.d/x"},
+        }
+    )
+    with pytest.raises(bundle.BundleError, match="unsafe file path"):
+        bundle.layout(mt.parse_manifest(json.dumps(doc).encode()))

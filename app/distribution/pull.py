@@ -12,6 +12,7 @@ for the next pull to resume with ``Range``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -28,7 +29,7 @@ from app.distribution.reference import Reference
 from app.distribution.registry import Registry, RegistryError
 from app.logging import get_logger
 from app.settings import Settings
-from app.store import IndexEntry, ModelStore
+from app.store import IndexEntry, ModelStore, bundle
 from app.store.partial import PartialBlob
 
 log = get_logger("pull")
@@ -115,6 +116,7 @@ class Puller:
         if ref.digest and ref.digest != model_id:
             raise PullError(f"manifest digest mismatch: asked for {ref.digest}, got {model_id}")
         manifest = parse_manifest(raw)
+        bundle.layout(manifest)  # a hostile file path fails here, before anything is written
         cached = next((e for e in self.store.entries() if e.id == model_id), None)
         plan = PullPlan(ref, registry, raw, manifest, model_id, cached)
         if cached is None and not self.store.has_blob(manifest.config.digest, manifest.config.size):
@@ -134,7 +136,9 @@ class Puller:
             async for line in self._download_layers(plan):
                 yield line
             tags = [plan.tag] if plan.tag else []
-            await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
+            entry = await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
+            with contextlib.suppress(bundle.BundleError):  # e.g. safetensors: no llama.cpp bundle
+                await asyncio.to_thread(self.store.bundle, entry)
         log.info("model pulled", model=str(plan.ref), id=plan.model_id)
         yield progress.message("success", "Model pulled successfully")
 

@@ -51,6 +51,7 @@ def build(
     licenses: Sequence[Path] = (),
     chat_template: Path | None = None,
     context_size: int | None = None,
+    mmproj: Path | None = None,
     created: datetime | None = None,
 ) -> Artifact:
     shards = discover_shards(gguf_path)
@@ -58,6 +59,8 @@ def build(
     layers += [_layer(p, mt.LICENSE) for p in licenses]
     if chat_template is not None:
         layers.append(_layer(chat_template, mt.CHAT_TEMPLATE))
+    if mmproj is not None:
+        layers.append(_layer(mmproj, mt.MMPROJ))
     created = created or datetime.now(UTC)
     config_doc = {
         "config": extract_config(shards, context_size),

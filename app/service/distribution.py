@@ -14,6 +14,7 @@ from app.distribution.blobs import BlobSource, file_source
 from app.distribution.manifest import InvalidManifest, UnsupportedConfig, parse_manifest
 from app.settings import Settings
 from app.store import ModelNotFound, ModelStore, StoreError
+from app.store.bundle import BundleError
 from app.store.partial import PartialBlobError
 
 
@@ -30,7 +31,14 @@ def _mapped(action: str) -> Iterator[None]:
         raise errors.NotFound("Model not found") from None
     except UnsupportedConfig as exc:
         raise errors.Unsupported(str(exc)) from None
-    except (registry.RegistryError, InvalidManifest, StoreError, PartialBlobError, OSError) as exc:
+    except (
+        registry.RegistryError,
+        InvalidManifest,
+        StoreError,
+        PartialBlobError,
+        BundleError,
+        OSError,
+    ) as exc:
         raise errors.ServiceError(f"error while {action} model: {exc}") from None
 
 

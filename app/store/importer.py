@@ -8,6 +8,7 @@ truncated or hostile upload leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tarfile
@@ -20,6 +21,7 @@ from app.distribution.manifest import (
     parse_manifest,
 )
 from app.distribution.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
+from app.store import bundle
 from app.store.store import DigestMismatch, IndexEntry, ModelStore
 
 _BLOB_NAME = re.compile(rf"^{BLOBS_DIR}/([0-9a-f]{{64}})$")
@@ -46,6 +48,10 @@ def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
             raise
         except InvalidManifest as exc:
             raise InvalidArchive(f"invalid manifest.json: {exc}") from None
+        try:
+            bundle.layout(manifest)
+        except bundle.BundleError as exc:
+            raise InvalidArchive(str(exc)) from None
         for blob in manifest.blobs:
             if not store.has_blob(blob.digest, blob.size):
                 raise InvalidArchive(f"archive lacks blob {blob.digest} named by its manifest")
@@ -53,6 +59,8 @@ def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
     except BaseException:
         store.discard_blobs(added)
         raise
+    with contextlib.suppress(bundle.BundleError):  # not a llama.cpp model: no bundle to make
+        store.bundle(entry)
     return entry
 
 

@@ -22,7 +22,9 @@ from typing import Any
 
 from app.distribution import reference
 from app.distribution.manifest import Manifest, parse_manifest
+from app.store import bundle as bundle_mod
 from app.store.atomic import TEMP_PREFIX, AtomicFile, write_atomic
+from app.store.bundle import Bundle
 from app.store.partial import PartialBlob, remove_stale
 
 LAYOUT_VERSION = "1.0.0"
@@ -114,9 +116,12 @@ class ModelStore:
             self._write_index([])
         # Temp files are what a crash leaves behind mid-write; nothing refers to them. Partial
         # downloads are kept for resuming, unless nobody came back for them in a week.
-        for d in (self.root, self.blobs_dir, self.manifests_dir):
+        for d in (self.root, self.blobs_dir, self.manifests_dir, self.bundles_dir):
             for tmp in d.glob(TEMP_PREFIX + "*"):
-                tmp.unlink(missing_ok=True)
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
         remove_stale(self.blobs_dir)
 
     @contextlib.contextmanager
@@ -225,6 +230,15 @@ class ModelStore:
         if not isinstance(doc, dict):
             raise StoreError(f"config of {entry.id} is not a JSON object")
         return doc
+
+    def bundle(self, entry: IndexEntry) -> Bundle:
+        """The model's runtime bundle, built on first use (a runner starts from it)."""
+        manifest = self.manifest(entry)
+        files = bundle_mod.layout(manifest)
+        config = self.config(entry).get("config") or {}
+        root = self.bundles_dir / entry.hex
+        bundle_mod.build(root, {rel: self.blob_path(d) for rel, d in files.items()}, config)
+        return bundle_mod.describe(root, files, config)
 
     # -- changes --------------------------------------------------------------------------
     def add_model(self, manifest_raw: bytes, tags: Iterable[str] = ()) -> IndexEntry:
