@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +333,47 @@ def test_package_push_without_a_service(server: Server, registry: LocalRegistry,
     server.start()
     status, lines, _ = pull(server, f"{registry.host}/org/direct:v1")
     assert status == 200 and lines[-1]["message"] == "Model pulled successfully"
+
+
+def test_docker_hub_style_bearer_tokens_and_cdn_redirects(
+    server: Server, registry: LocalRegistry, tiny_gguf: Path, tmp_path: Path
+):
+    from tests.hub import HubFront
+
+    with HubFront(registry.port, "bob", "hunter2") as hub:
+        ref = f"{hub.host}/org/tiny:v1"
+        server.cli("package", "--gguf", str(tiny_gguf), "--load", ref)
+        # Anonymous tokens cannot push.
+        reply = server.tcp.request("POST", f"/models/{ref}/push", b"", JSON)
+        assert (reply.status, reply.text) == (401, "Unauthorized")
+
+        docker_dir = tmp_path / "docker"
+        docker_dir.mkdir()
+        auth = base64.b64encode(b"bob:hunter2").decode()
+        (docker_dir / "config.json").write_text(json.dumps({"auths": {hub.host: {"auth": auth}}}))
+        server.stop()
+        server.extra_env["DOCKER_CONFIG"] = str(docker_dir)
+        server.start()
+        reply = server.tcp.request("POST", f"/models/{ref}/push", b"", JSON)
+        assert reply.status == 200 and b"Model pushed successfully" in reply.body
+
+        # Pull with an anonymous token; blobs come from the CDN, which saw no Authorization.
+        server.stop()
+        del server.extra_env["DOCKER_CONFIG"]
+        server.start()
+        server.tcp.request("DELETE", f"/models/{ref}")
+        status, lines, _ = pull(server, ref)
+        assert status == 200 and lines[-1]["message"] == "Model pulled successfully"
+        assert hub.issued_anonymous >= 1 and hub.cdn_requests >= 2  # config + GGUF
+
+        # A token the client brings ("bearer-token") is used as is; a bad one is refused.
+        server.tcp.request("DELETE", f"/models/{ref}")
+        body = json.dumps({"from": ref, "bearer-token": "not-a-valid-token"}).encode()
+        reply = server.tcp.request("POST", "/models/create", body, JSON)
+        assert (reply.status, reply.text) == (401, "Unauthorized")
+        scope = "repository:org/tiny:pull"
+        with urllib.request.urlopen(f"http://{hub.host}/token?service=hub.test&scope={scope}") as r:
+            token = json.loads(r.read())["token"]
+        body = json.dumps({"from": ref, "bearer-token": token}).encode()
+        reply = server.tcp.request("POST", "/models/create", body, JSON)
+        assert reply.status == 200 and b"Model pulled successfully" in reply.body
