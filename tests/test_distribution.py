@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import Server
 from tests.netutil import free_port
 from tests.registry import LocalRegistry, Proxy
@@ -134,8 +136,21 @@ def test_unsupported_config_type_is_422(
     assert models(server) == []
 
 
-def test_artifact_pushed_by_oras_pulls(
-    server: Server, registry: LocalRegistry, tiny_gguf: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("config_type", "weights_type"),
+    [
+        ("application/vnd.docker.ai.model.config.v0.1+json", "application/vnd.docker.ai.gguf.v3"),
+        ("application/vnd.docker.ai.model.config.v0.2+json", "application/vnd.docker.ai.gguf.v3"),
+        ("application/vnd.cncf.model.config.v1+json", "application/vnd.cncf.model.weight.v1.gguf"),
+    ],
+)
+def test_artifacts_pushed_by_oras_pull(
+    server: Server,
+    registry: LocalRegistry,
+    tiny_gguf: Path,
+    tmp_path: Path,
+    config_type: str,
+    weights_type: str,
 ):
     import oras.client
 
@@ -150,8 +165,8 @@ def test_artifact_pushed_by_oras_pulls(
     )
     oras.client.OrasClient(hostname=registry.host, insecure=True).push(
         target=f"{registry.host}/org/byoras:v1",
-        files=[f"{tiny_gguf}:application/vnd.docker.ai.gguf.v3"],
-        manifest_config=f"{cfg}:application/vnd.docker.ai.model.config.v0.1+json",
+        files=[f"{tiny_gguf}:{weights_type}"],
+        manifest_config=f"{cfg}:{config_type}",
         disable_path_validation=True,
     )
     status, lines, _ = pull(server, f"{registry.host}/org/byoras:v1")
@@ -159,6 +174,8 @@ def test_artifact_pushed_by_oras_pulls(
     [model] = models(server)
     assert model["created"] == 1742819381  # 2025-03-24T12:29:41Z
     assert model["config"]["architecture"] == "llama"
+    bundled = server.models_path / "bundles/sha256" / model["id"][7:] / "model/model.gguf"
+    assert bundled.read_bytes() == tiny_gguf.read_bytes()
 
 
 def test_corrupt_blob_leaves_nothing(server: Server, registry: LocalRegistry, tiny_gguf: Path):
@@ -377,3 +394,37 @@ def test_docker_hub_style_bearer_tokens_and_cdn_redirects(
         body = json.dumps({"from": ref, "bearer-token": token}).encode()
         reply = server.tcp.request("POST", "/models/create", body, JSON)
         assert reply.status == 200 and b"Model pulled successfully" in reply.body
+
+
+def test_at_most_two_pulls_download_at_once(
+    server: Server, registry: LocalRegistry, tiny_gguf: Path, tmp_path: Path
+):
+    refs = []
+    for i in range(3):
+        blob = tmp_path / f"big{i}.bin"
+        blob.write_bytes(os.urandom(6 * 1024 * 1024))
+        refs.append(
+            push_tiny(server, tiny_gguf, f"{registry.host}/org/m{i}:v1", "--license", str(blob))
+        )
+    with Proxy(registry.port, rate=4 * 1024 * 1024) as proxy:
+        first_byte: dict[int, float] = {}
+        finished: dict[int, float] = {}
+
+        def run(i: int) -> None:
+            ref = refs[i].replace(registry.host, f"127.0.0.1:{proxy.port}")
+            body = json.dumps({"from": ref}).encode()
+            for line in server.tcp.lines("POST", "/models/create", body, JSON):
+                msg = json.loads(line)
+                if msg["type"] == "progress":
+                    first_byte.setdefault(i, time.monotonic())
+            finished[i] = time.monotonic()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(finished) == 3 and len(models(server)) == 3
+    starts = sorted(first_byte.values())
+    # The last pull to start moving did so only once one of the others had finished.
+    assert starts[2] >= min(finished.values()) - 0.05
