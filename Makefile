@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEFAULT_MODEL := ai/gemma3:270M-Q4_K_M
 
-.PHONY: run install test lint format clean
+.PHONY: run install test bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: $(VENV)/.run-deps
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest
+
+# Figures, not pass/fail: pull throughput against a plain download of the same blob.
+bench: $(VENV)/.run-deps $(VENV)/.test-deps
+	$(BIN)/python bench/pull.py
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
