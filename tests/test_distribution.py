@@ -44,6 +44,17 @@ def push_tiny(server: Server, gguf: Path, ref: str, *extra: str) -> str:
     return ref
 
 
+def docker_login(server: Server, tmp_path: Path, host: str, user: str, password: str) -> None:
+    """Credentials in Docker's config.json, as `docker login` writes them; restart to use them."""
+    docker_dir = tmp_path / "docker"
+    docker_dir.mkdir(exist_ok=True)
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (docker_dir / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    server.stop()
+    server.extra_env["DOCKER_CONFIG"] = str(docker_dir)
+    server.start()
+
+
 def models(server: Server) -> list[dict[str, Any]]:
     return json.loads(server.tcp.request("GET", "/models").body)
 
@@ -205,14 +216,7 @@ def test_basic_auth_registry(server: Server, tmp_path: Path, tiny_gguf: Path):
         reply = server.tcp.request("POST", f"/models/{ref}/push", b"", JSON)
         assert (reply.status, reply.text) == (401, "Unauthorized")
 
-        # Credentials from Docker's config.json, as `docker login` writes them.
-        docker_dir = tmp_path / "docker"
-        docker_dir.mkdir()
-        auth = base64.b64encode(b"alice:s3cret").decode()
-        (docker_dir / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
-        server.stop()
-        server.extra_env["DOCKER_CONFIG"] = str(docker_dir)
-        server.start()
+        docker_login(server, tmp_path, reg.host, "alice", "s3cret")
         reply = server.tcp.request("POST", f"/models/{ref}/push", b"", JSON)
         assert reply.status == 200 and b"Model pushed successfully" in reply.body
         server.tcp.request("DELETE", f"/models/{ref}")
@@ -364,13 +368,7 @@ def test_docker_hub_style_bearer_tokens_and_cdn_redirects(
         reply = server.tcp.request("POST", f"/models/{ref}/push", b"", JSON)
         assert (reply.status, reply.text) == (401, "Unauthorized")
 
-        docker_dir = tmp_path / "docker"
-        docker_dir.mkdir()
-        auth = base64.b64encode(b"bob:hunter2").decode()
-        (docker_dir / "config.json").write_text(json.dumps({"auths": {hub.host: {"auth": auth}}}))
-        server.stop()
-        server.extra_env["DOCKER_CONFIG"] = str(docker_dir)
-        server.start()
+        docker_login(server, tmp_path, hub.host, "bob", "hunter2")
         reply = server.tcp.request("POST", f"/models/{ref}/push", b"", JSON)
         assert reply.status == 200 and b"Model pushed successfully" in reply.body
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from app import errors
-from app.distribution import reference
+from app.distribution import progress, reference
 from app.distribution.blobs import file_source
 from app.distribution.manifest import InvalidManifest, UnsupportedConfig
 from app.distribution.tarball import iter_tar
@@ -19,17 +19,6 @@ from app.service.views import model_json, openai_json
 from app.store import IndexEntry, ModelNotFound, ModelStore, StoreError, importer
 
 log = get_logger("models")
-
-
-def progress_line(type_: str, message: str, mode: str = "pull") -> dict[str, Any]:
-    """A DMR progress message (spec 3.1) with no byte counts: success, warning and error lines."""
-    return {
-        "type": type_,
-        "message": message,
-        "total": 0,
-        "layer": {"size": 0, "current": 0},
-        "mode": mode,
-    }
 
 
 class ModelService:
@@ -137,7 +126,7 @@ class ModelService:
         except importer.InsufficientStorage as exc:
             raise errors.InsufficientStorage(f"error while loading model: {exc}") from None
         log.info("model loaded", model=entry.id)
-        return entry, progress_line("success", "Model loaded successfully")
+        return entry, progress.message("success", "Model loaded successfully")
 
     def export(self, ref: str) -> tuple[str, Iterator[bytes]]:
         """The tarball of a model, as a file name and a lazy chunk iterator."""
