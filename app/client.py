@@ -95,6 +95,8 @@ class ServiceClient:
         conn = self._connection()
         try:
             conn.request(method, self._base + path, body=body, headers=headers or {})
+            # A pull may wait its turn behind others with nothing to say for a long while.
+            conn.sock.settimeout(None)
             resp = conn.getresponse()
             if resp.status >= 400:
                 text = resp.read().decode("utf-8", "replace").strip()

@@ -34,6 +34,8 @@ class Settings:
     insecure_registries: tuple[str, ...] = ()
     # Docker's client config, for registry credentials (DOCKER_CONFIG is its directory).
     docker_config: Path = Path.home() / ".docker" / "config.json"
+    # Extra browser origins allowed to call the API (DMR_ORIGINS), beside localhost's.
+    origins: tuple[str, ...] = ()
     # Where the CLI finds the service.
     host: str = "http://localhost:12434"
     # JSON bodies (tags, configure, inference) are small; tar uploads stream and are not capped.
@@ -54,6 +56,7 @@ class Settings:
             insecure_registries=_insecure(env, "INSECURE_REGISTRY"),
             docker_config=_docker_config(env, cls.docker_config),
             host=_get(env, "MODEL_RUNNER_HOST") or cls.host,
+            origins=tuple(o.strip() for o in _get(env, "DMR_ORIGINS").split(",") if o.strip()),
         )
 
     def is_insecure(self, registry: str) -> bool:

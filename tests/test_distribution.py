@@ -426,3 +426,28 @@ def test_at_most_two_pulls_download_at_once(
     starts = sorted(first_byte.values())
     # The last pull to start moving did so only once one of the others had finished.
     assert starts[2] >= min(finished.values()) - 0.05
+
+
+def test_client_gone_then_pull_again_resumes(
+    server: Server, registry: LocalRegistry, tiny_gguf: Path, tmp_path: Path
+):
+    import http.client
+
+    _, digest = big_model(server, registry, tiny_gguf, tmp_path, mib=16)
+    with Proxy(registry.port, rate=4 * 1024 * 1024) as proxy:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = json.dumps({"from": f"127.0.0.1:{proxy.port}/org/big:v1"})
+        conn.request("POST", "/models/create", body, JSON)
+        resp = conn.getresponse()
+        while True:
+            msg = json.loads(resp.readline())
+            if msg["layer"].get("id") == digest and msg["layer"]["current"] >= 2 * 1024 * 1024:
+                break
+        conn.close()  # the client goes away mid-download
+        # Pull again at once, while the abandoned download may still be letting go.
+        status, lines, _ = pull(server, f"127.0.0.1:{proxy.port}/org/big:v1")
+    assert status == 200 and lines[-1]["message"] == "Model pulled successfully", lines[-1]
+    gets = registry.blob_gets(digest)
+    assert gets[-1]["http.response.status"] in (200, 206)
+    assert len(models(server)) == 1
+    assert "Traceback" not in server.log()

@@ -101,3 +101,9 @@ def test_body_over_the_cap_is_400(server: Server):
     big = b'{"from": "' + b"a" * (11 * 1024 * 1024) + b'"}'
     assert_plain(server.tcp.request("POST", "/models/create", big), 400, "request too large")
     assert server.tcp.request("GET", "/").status == 200
+
+
+def test_head_is_answered_like_get(server: Server):
+    reply = server.tcp.request("HEAD", "/models")
+    assert reply.status == 200 and reply.body == b""
+    assert server.tcp.request("HEAD", "/models/ai/nothere").status == 404

@@ -209,3 +209,86 @@ def test_client_gone_mid_upload_leaves_nothing(server: Server):
         time.sleep(0.01)
     assert json.loads(server.tcp.request("GET", "/models").body) == []
     assert "unhandled" not in server.log()
+
+
+def test_huge_extended_tar_header_is_refused(server: Server):
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type = tarfile.XHDTYPE
+    pax.size = 8 * 1024 * 1024
+    body = pax.tobuf(tarfile.USTAR_FORMAT) + b"0" * pax.size
+    assert_rejected(server, body, 400, "extended tar header")
+
+
+def test_compressed_upload_is_refused(server: Server, tiny_gguf: Path):
+    import gzip
+
+    _, tarball = tiny_tarball(tiny_gguf)
+    reply = server.tcp.request(
+        "POST", "/models/load", gzip.compress(tarball), {**TAR, "Content-Encoding": "gzip"}
+    )
+    assert reply.status == 400 and "compressed uploads" in reply.text
+    assert json.loads(server.tcp.request("GET", "/models").body) == []
+
+
+def test_config_that_is_not_a_json_object_is_refused(server: Server, tiny_gguf: Path):
+    built, _ = tiny_tarball(tiny_gguf)
+    bad_config = b"[1, 2, 3]"
+    doc = json.loads(built.manifest)
+    doc["config"]["digest"] = "sha256:" + hashlib.sha256(bad_config).hexdigest()
+    doc["config"]["size"] = len(bad_config)
+    layers = [blob_member(b) for b in built.blob_sources()[:-1]]
+    config = file_member(f"blobs/sha256/{doc['config']['digest'][7:]}", bad_config)
+    body = tar_of(*layers, config, file_member("manifest.json", json.dumps(doc).encode()))
+    assert_rejected(server, body, 400, "not a JSON object")
+    assert json.loads(server.tcp.request("GET", "/models").body) == []
+
+
+def test_model_without_gguf_weights_imports_and_lists(server: Server, tmp_path: Path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    config = json.dumps({"config": {"format": "safetensors"}}).encode()
+    layer = {
+        "mediaType": "application/vnd.docker.ai.safetensors",
+        "size": weights.stat().st_size,
+        "digest": "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    cfg = {
+        "mediaType": "application/vnd.docker.ai.model.config.v0.1+json",
+        "size": len(config),
+        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+    }
+    manifest = json.dumps({"schemaVersion": 2, "config": cfg, "layers": [layer]}).encode()
+    body = tar_of(
+        file_member(f"blobs/sha256/{layer['digest'][7:]}", weights.read_bytes()),
+        file_member(f"blobs/sha256/{cfg['digest'][7:]}", config),
+        file_member("manifest.json", manifest),
+    )
+    reply = upload(server, body)
+    assert reply.status == 200, reply.text
+    [model] = json.loads(server.tcp.request("GET", "/models").body)
+    assert model["config"]["format"] == "safetensors"
+    assert server.tcp.request("GET", f"/models/{model['id']}").status == 200
+
+
+def test_export_of_a_model_with_a_missing_blob_fails_before_streaming(
+    server: Server, tiny_gguf: Path
+):
+    built, tarball = tiny_tarball(tiny_gguf)
+    assert upload(server, tarball).status == 200
+    (server.models_path / "blobs" / "sha256" / built.layers[0].descriptor.hex).unlink()
+    reply = server.tcp.request("GET", f"/models/{built.id}/export")
+    assert reply.status == 500 and reply.text.startswith("error while exporting model:")
+
+
+def test_sigterm_during_a_stalled_upload_exits_promptly(server: Server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/models/load")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024))
+    conn.endheaders()
+    conn.send(b"\0" * 1024)  # then nothing: a client that stalls
+    start = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - start < 15
+    conn.close()

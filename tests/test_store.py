@@ -159,3 +159,53 @@ def test_bundle_refuses_paths_that_leave_it(tiny_gguf: Path):
     )
     with pytest.raises(bundle.BundleError, match="unsafe file path"):
         bundle.layout(mt.parse_manifest(json.dumps(doc).encode()))
+
+
+def test_bundle_built_by_many_at_once(store: ModelStore, tiny_gguf: Path):
+    entry = artifact.write_to_store(artifact.build(tiny_gguf), store, "docker.io/ai/b:latest")
+    barrier = threading.Barrier(8)
+
+    def build(_: int) -> Path:
+        barrier.wait()
+        return store.bundle(entry).gguf
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(build, range(8)))
+    assert len(paths) == 1 and paths.pop().read_bytes() == tiny_gguf.read_bytes()
+    assert [p.name for p in store.bundles_dir.iterdir()] == [entry.hex]
+
+
+def test_opening_a_store_leaves_a_live_write_alone(store: ModelStore):
+    digest = "sha256:" + hashlib.sha256(b"payload").hexdigest()
+    with store.blob_writer(digest) as w:
+        w.write(b"pay")
+        ModelStore(store.root)  # another process starting up on the same store
+        w.write(b"load")
+        w.commit()
+    assert store.has_blob(digest, 7)
+
+
+def test_pinned_blobs_survive_a_delete(store: ModelStore, tiny_gguf: Path):
+    entry = artifact.write_to_store(artifact.build(tiny_gguf), store, "docker.io/ai/p:latest")
+    gguf = entry.files[0]
+    with store.pinned([gguf]):  # an import about to reuse this blob
+        store.delete(entry.id)
+        assert store.has_blob(gguf)
+    store.discard_blobs([gguf])
+    assert not store.has_blob(gguf)
+
+
+def test_removing_two_tags_at_once_deletes_the_model(store: ModelStore, tiny_gguf: Path):
+    for _ in range(20):
+        entry = artifact.write_to_store(artifact.build(tiny_gguf), store, "docker.io/ai/one:latest")
+        store.tag(entry.id, "docker.io/ai/two:latest")
+        barrier = threading.Barrier(2)
+        tags = ["docker.io/ai/one:latest", "docker.io/ai/two:latest"]
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(_untag_together, [store] * 2, [entry.id] * 2, tags, [barrier] * 2))
+        assert store.entries() == []
+
+
+def _untag_together(store: ModelStore, model_id: str, tag: str, barrier: threading.Barrier) -> None:
+    barrier.wait()
+    store.untag(model_id, tag)

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from app import errors
-from app.api.responses import plain_error
+from app.api.responses import is_streaming, plain_error
 from app.logging import get_logger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,23 +55,36 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
 async def error_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except errors.ServiceError as exc:
+    except Exception as exc:
+        if is_streaming(request):
+            # Headers and part of the body are out: re-raising makes aiohttp drop the connection
+            # without the final chunk, so the client sees a cut transfer, not a clean end.
+            log.warning("stream cut short by an error", error=str(exc))
+            raise
+        answer = _answer(request, exc)
+        if answer is None:
+            raise
+        return answer
+
+
+def _answer(request: web.Request, exc: Exception) -> web.Response | None:
+    """DMR's plain-text answer for an exception; None for aiohttp's own answers (redirects)."""
+    if isinstance(exc, errors.ServiceError):
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         if status == 500:
             log.error("request failed", error=str(exc))
         return plain_error(status, str(exc))
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return plain_error(404, _not_found_text(request.path))
-    except web.HTTPMethodNotAllowed as exc:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         allow = ", ".join(sorted(exc.allowed_methods))
         return plain_error(405, "Method Not Allowed", {"Allow": allow})
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return plain_error(400, "request too large")
-    except web.HTTPException:
-        raise
-    except Exception:
-        log.exception("unhandled error")
-        return plain_error(500, "internal server error")
+    if isinstance(exc, web.HTTPException):
+        return None
+    log.error("unhandled error", exc_info=exc)
+    return plain_error(500, "internal server error")
 
 
 def _not_found_text(path: str) -> str:

@@ -8,7 +8,13 @@ import io
 from aiohttp import web
 
 from app.api.progress_stream import stream_progress
-from app.api.responses import json_line, json_response, plain_error, read_json
+from app.api.responses import (
+    json_line,
+    json_response,
+    mark_streaming,
+    plain_error,
+    read_json,
+)
 from app.api.streams import BlockingBodyReader, write_chunks
 from app.errors import BadRequest
 from app.service.distribution import DistributionService
@@ -52,9 +58,13 @@ async def _export(request: web.Request, name: str) -> web.StreamResponse:
             "Content-Disposition": f'attachment; filename="{safe}"',
         }
     )
-    await response.prepare(request)
-    await write_chunks(response, chunks)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        mark_streaming(request)
+        await write_chunks(response, chunks)
+        await response.write_eof()
+    finally:
+        chunks.close()
     return response
 
 
@@ -84,6 +94,9 @@ async def model_action(request: web.Request) -> web.StreamResponse:
 
 
 async def load_model(request: web.Request) -> web.Response:
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        # A compressed body could expand without bound; DMR's CLI never compresses it.
+        return plain_error(400, "error while loading model: compressed uploads are not accepted")
     reader = io.BufferedReader(BlockingBodyReader(request.content, asyncio.get_running_loop()))
     _, line = await asyncio.to_thread(_service(request).load, reader)
     return web.Response(body=json_line(line), content_type="application/json")

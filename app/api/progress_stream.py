@@ -8,12 +8,14 @@ a plain-text line, as DMR's handler writes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from app import errors
+from app.api.responses import mark_streaming
 from app.distribution import progress
 from app.logging import get_logger
 
@@ -33,6 +35,7 @@ async def stream_progress(
     )
     response.enable_chunked_encoding()
     await response.prepare(request)
+    mark_streaming(request)
 
     async def send(message: progress.Message) -> None:
         text = json.dumps(message, separators=(",", ":"))
@@ -40,8 +43,14 @@ async def stream_progress(
 
     action = "pulling" if mode == "pull" else "pushing"
     try:
-        async for message in lines:
-            await send(message)
+        async with contextlib.aclosing(lines) as closing:
+            async for message in closing:
+                await send(message)
+    except ConnectionResetError:
+        # The client went away: closing the stream above stopped the transfer (a pull keeps
+        # its partial files for the next one).
+        log.info("client went away", mode=mode)
+        return response
     except Exception as exc:
         # The status line is gone; whatever failed must reach the client inside the stream.
         if isinstance(exc, errors.ServiceError):
@@ -51,7 +60,9 @@ async def stream_progress(
             text = f"error while {action} model: internal error: {exc}"
             log.exception("transfer failed", mode=mode)
         reason = text.split(": ", 1)[-1]
-        await send(progress.message("error", f"Error: {reason}", mode))
-        await response.write((text + "\n").encode())
-    await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await send(progress.message("error", f"Error: {reason}", mode))
+            await response.write((text + "\n").encode())
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
     return response

@@ -44,3 +44,15 @@ async def read_json(request: web.Request, invalid: str) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest(invalid) from None
+
+
+_STREAMING = "model_runner.response_started"
+
+
+def mark_streaming(request: web.Request) -> None:
+    """From here on the status is sent: an error can only cut the stream short, not replace it."""
+    request[_STREAMING] = True
+
+
+def is_streaming(request: web.Request) -> bool:
+    return bool(request.get(_STREAMING))

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from app import __version__
 from app.api import models
+from app.api.cors import add_allow_origin, origin_checker
 from app.api.middleware import access_log, error_answers
 from app.api.responses import json_response
 from app.logging import get_logger
@@ -58,11 +59,13 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
     app = web.Application(
         middlewares=[
             access_log,
+            origin_checker(settings.origins),
             error_answers,
             web.normalize_path_middleware(append_slash=False, merge_slashes=True),
         ],
         client_max_size=settings.max_body_bytes,
     )
+    app.on_response_prepare.append(add_allow_origin)
     store = store or ModelStore(settings.models_path, settings.default_registry)
     app[models.SERVICE] = ModelService(store)
 
@@ -74,14 +77,18 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
     app.cleanup_ctx.append(registry_session)
     for method, path, handler in _routes():
         for prefixed in (path, DESKTOP_PREFIX + path):
-            app.router.add_route(method, prefixed, handler)
+            if method == "GET":
+                app.router.add_get(prefixed, handler)  # GET routes answer HEAD too, as Go's mux
+            else:
+                app.router.add_route(method, prefixed, handler)
     return app
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # Requests still running at shutdown get this long before their connections are closed.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
     await runner.setup()
     sites: list[web.BaseSite] = [web.TCPSite(runner, settings.addr, settings.port)]
     if settings.sock is not None:

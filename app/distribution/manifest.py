@@ -109,6 +109,17 @@ def parse_manifest(raw: bytes) -> Manifest:
     )
 
 
+def parse_config(raw: bytes) -> dict[str, Any]:
+    """A model config blob must be a JSON object (its ``config`` member describes the model)."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidManifest("the model config is not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
+        raise InvalidManifest("the model config is not a JSON object with a config object")
+    return doc
+
+
 def _descriptor(value: Any, where: str) -> Descriptor:
     if not isinstance(value, dict):
         raise InvalidManifest(f"manifest {where} is not an object")

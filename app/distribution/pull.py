@@ -24,7 +24,7 @@ import aiohttp
 
 from app.distribution import progress
 from app.distribution.auth import load_credentials
-from app.distribution.manifest import Descriptor, Manifest, parse_manifest
+from app.distribution.manifest import Descriptor, Manifest, parse_config, parse_manifest
 from app.distribution.reference import Reference
 from app.distribution.registry import Registry, RegistryError
 from app.logging import get_logger
@@ -104,6 +104,7 @@ class Puller:
         self.settings = settings
         self.session = session
         self._downloads: dict[str, _Download] = {}
+        self._stopping: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PULLS)
 
     async def plan(self, ref_text: str, bearer_token: str | None = None) -> PullPlan:
@@ -122,6 +123,9 @@ class Puller:
         if cached is None and not self.store.has_blob(manifest.config.digest, manifest.config.size):
             size = min(manifest.config.size, _MAX_CONFIG_BYTES)
             plan.config_raw = await registry.blob_bytes(manifest.config.digest, size)
+            if "sha256:" + hashlib.sha256(plan.config_raw).hexdigest() != manifest.config.digest:
+                raise PullError(f"config blob digest mismatch for {manifest.config.digest}")
+            parse_config(plan.config_raw)
         return plan
 
     async def run(self, plan: PullPlan) -> AsyncIterator[progress.Message]:
@@ -130,11 +134,13 @@ class Puller:
                 await asyncio.to_thread(self.store.tag, plan.model_id, plan.tag)
             yield progress.message("success", f"Using cached model: {self._size(plan.cached)}")
             return
-        async with self._slots:
+        async with self._slots, contextlib.AsyncExitStack() as stack:
+            stack.enter_context(self.store.pinned(d.digest for d in plan.manifest.blobs))
             if plan.config_raw:
                 await asyncio.to_thread(self._write_config, plan)
-            async for line in self._download_layers(plan):
-                yield line
+            async with contextlib.aclosing(self._download_layers(plan)) as lines:
+                async for line in lines:
+                    yield line
             tags = [plan.tag] if plan.tag else []
             entry = await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
             with contextlib.suppress(bundle.BundleError):  # e.g. safetensors: no llama.cpp bundle
@@ -164,8 +170,9 @@ class Puller:
                 queue.put_nowait, "pull", total, desc.digest, desc.size
             )
             waits.append(self._wait_for(desc, plan.registry, reporter))
-        async for line in progress.relay(queue, all_or_nothing(waits)):
-            yield line
+        async with contextlib.aclosing(progress.relay(queue, all_or_nothing(waits))) as lines:
+            async for line in lines:
+                yield line
 
     async def _wait_for(
         self, desc: Descriptor, registry: Registry, reporter: Callable[[int], None]
@@ -175,22 +182,37 @@ class Puller:
             download = _Download(desc)
             download.task = asyncio.create_task(self._fetch(download, registry))
             self._downloads[desc.digest] = download
-            download.task.add_done_callback(lambda _: self._downloads.pop(desc.digest, None))
+            download.task.add_done_callback(lambda _: self._finished(download))
+        assert download.task is not None
         download.listeners.add(reporter)
         download.waiters += 1
         if download.current:  # joining a download under way: show where it is
             reporter(download.current)
         try:
-            assert download.task is not None
             await asyncio.shield(download.task)
         finally:
             download.waiters -= 1
             download.listeners.discard(reporter)
-            if download.waiters == 0 and download.task is not None and not download.task.done():
+            if download.waiters == 0 and not download.task.done():
+                # Nobody wants it any more: stop, keep the partial file for a later resume.
+                # A pull arriving meanwhile starts afresh once this one has let go of the file.
+                if self._downloads.get(desc.digest) is download:
+                    del self._downloads[desc.digest]
+                self._stopping[desc.digest] = download.task
                 download.task.cancel()
+
+    def _finished(self, download: _Download) -> None:
+        digest = download.descriptor.digest
+        if self._downloads.get(digest) is download:
+            del self._downloads[digest]
+        if self._stopping.get(digest) is download.task:
+            del self._stopping[digest]
 
     async def _fetch(self, download: _Download, registry: Registry) -> None:
         desc = download.descriptor
+        stopping = self._stopping.get(desc.digest)
+        if stopping is not None:
+            await asyncio.wait([stopping])  # it still holds the partial file's lock
         partial = await asyncio.to_thread(self.store.partial_blob, desc.digest, desc.size)
         try:
             if partial.size:
@@ -238,13 +260,20 @@ async def _pipe(resp: aiohttp.ClientResponse, partial: PartialBlob, download: _D
     batch: list[bytes] = []
     batched = 0
     flushing: asyncio.Future[None] | None = None
-    flushed = partial.size
+    flushed = received = partial.size
+    expected = download.descriptor.size
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer") as writer,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-flusher") as flusher,
     ):
         try:
             async for chunk in resp.content.iter_any():
+                received += len(chunk)
+                if received > expected:
+                    raise PullError(
+                        f"blob {download.descriptor.digest} is larger than its manifest says "
+                        f"({expected} bytes)"
+                    )
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched < _WRITE_BATCH:

@@ -7,6 +7,8 @@ from disk as they are sent, so a multi-gigabyte model never sits in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
 
@@ -29,8 +31,9 @@ async def push(
         d = blob.descriptor
         reporter = progress.LayerReporter(queue.put_nowait, "push", total, d.digest, d.size)
         uploads.append(_upload_if_missing(registry, blob, reporter))
-    async for line in progress.relay(queue, all_or_nothing(uploads)):
-        yield line
+    async with contextlib.aclosing(progress.relay(queue, all_or_nothing(uploads))) as lines:
+        async for line in lines:
+            yield line
     await registry.put_manifest(manifest_raw)
     yield progress.message("success", "Model pushed successfully", mode="push")
 
@@ -49,7 +52,7 @@ async def _upload_if_missing(
         while offset < d.size:  # an empty blob needs no PATCH, only the closing PUT
             n = min(CHUNK, d.size - offset)
             location = await registry.upload_chunk(
-                location, offset, _read_pieces(f, n, offset, report), n
+                location, offset, functools.partial(_read_pieces, f, n, offset, report), n
             )
             offset += n
     finally:
@@ -60,6 +63,7 @@ async def _upload_if_missing(
 async def _read_pieces(
     f: BinaryIO, n: int, offset: int, report: Callable[[int], None]
 ) -> AsyncIterator[bytes]:
+    await asyncio.to_thread(f.seek, offset)  # a retry after re-auth starts the chunk again
     sent = 0
     while sent < n:
         piece = await asyncio.to_thread(f.read, min(_PIECE, n - sent))

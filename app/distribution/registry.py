@@ -10,7 +10,7 @@ the caller already has.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urljoin
@@ -97,9 +97,11 @@ class Registry:
         hdrs = {"User-Agent": _USER_AGENT, **(headers or {})}
         if self._auth:
             hdrs["Authorization"] = self._auth
+        # A streamed body is given as a factory, so it can be sent again after re-auth.
+        payload = data() if callable(data) else data
         try:
             resp = await self.session.request(
-                method, url, headers=hdrs, data=data, timeout=timeout, allow_redirects=False
+                method, url, headers=hdrs, data=payload, timeout=timeout, allow_redirects=False
             )
             for _ in range(_MAX_REDIRECTS):
                 if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
@@ -112,7 +114,7 @@ class Registry:
                 )
         except (aiohttp.ClientConnectionError, TimeoutError, aiohttp.InvalidURL) as exc:
             raise Unreachable(f"registry {self.host} is unreachable: {_describe(exc)}") from None
-        replayable = data is None or isinstance(data, bytes)
+        replayable = data is None or isinstance(data, bytes) or callable(data)
         if resp.status == 401 and retry_auth and replayable:
             challenge = resp.headers.get("WWW-Authenticate", "")
             resp.release()
@@ -188,11 +190,13 @@ class Registry:
     async def blob_bytes(self, digest: str, limit: int) -> bytes:
         resp = await self._send("GET", f"{self.base}/blobs/{digest}")
         await self._check(resp, f"blob {digest}")
+        data = bytearray()
         async with resp:
-            data = await resp.content.read(limit + 1)
-        if len(data) > limit:
-            raise RegistryError(f"blob {digest} is larger than its manifest says")
-        return data
+            async for chunk in resp.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    raise RegistryError(f"blob {digest} is larger than its manifest says")
+        return bytes(data)
 
     async def open_blob(self, digest: str, offset: int) -> aiohttp.ClientResponse:
         """A streaming response for a blob; 206 when the registry honoured ``offset``."""
@@ -228,7 +232,7 @@ class Registry:
         resp.release()
 
     async def upload_chunk(
-        self, location: str, start: int, body: AsyncIterator[bytes], size: int
+        self, location: str, start: int, body: Callable[[], AsyncIterator[bytes]], size: int
     ) -> str:
         resp = await self._send(
             "PATCH",

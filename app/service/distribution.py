@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,5 +101,6 @@ async def _mapped_stream(
     lines: AsyncIterator[progress.Message], action: str
 ) -> AsyncIterator[progress.Message]:
     with _mapped(action):
-        async for line in lines:
-            yield line
+        async with contextlib.aclosing(lines) as closing:
+            async for line in closing:
+                yield line

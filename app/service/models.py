@@ -6,17 +6,17 @@ the disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO
 
 from app import errors
 from app.distribution import progress, reference
-from app.distribution.blobs import file_source
+from app.distribution.blobs import BlobSource
 from app.distribution.manifest import InvalidManifest, UnsupportedConfig
 from app.distribution.tarball import iter_tar
 from app.logging import get_logger
 from app.service.views import model_json, openai_json
-from app.store import IndexEntry, ModelNotFound, ModelStore, StoreError, importer
+from app.store import IndexEntry, ModelNotFound, ModelStore, MultipleTags, StoreError, importer
 
 log = get_logger("models")
 
@@ -76,26 +76,22 @@ class ModelService:
     def delete_model(self, ref: str, force: bool) -> list[dict[str, str]]:
         entry = self._resolve(ref, "error while deleting model: model not found")
         text = ref.strip()
-        by_tag = not reference.looks_like_id(text) and "@" not in text
-        if by_tag:
-            canonical = str(self.store.parse_reference(text))
-            stored = entry.stored_tag(canonical) or canonical
-            if len(entry.tags) > 1:
-                self.store.untag(entry.id, canonical)
-                return [{"Untagged": stored}]
-            remaining = [stored]
-        else:
-            if len(entry.tags) > 1 and not force:
-                raise errors.Conflict(
-                    f'error while deleting model: unable to delete "{text}" (must be forced) '
-                    "due to multiple tag references: resource conflict"
-                )
-            remaining = list(entry.tags)
         try:
-            self.store.delete(entry.id)
+            if not reference.looks_like_id(text) and "@" not in text:
+                canonical = str(self.store.parse_reference(text))
+                stored, deleted = self.store.untag(entry.id, canonical)
+                if deleted is None:
+                    return [{"Untagged": stored}]
+                return [{"Untagged": stored}, {"Deleted": deleted.id}]
+            deleted = self.store.delete(entry.id, force=force)
+        except MultipleTags:
+            raise errors.Conflict(
+                f'error while deleting model: unable to delete "{text}" (must be forced) '
+                "due to multiple tag references: resource conflict"
+            ) from None
         except ModelNotFound:
             raise errors.NotFound("error while deleting model: model not found") from None
-        return [*({"Untagged": t} for t in remaining), {"Deleted": entry.id}]
+        return [*({"Untagged": t} for t in deleted.tags), {"Deleted": deleted.id}]
 
     def tag_model(self, ref: str, repo: str, tag: str) -> dict[str, str]:
         if not repo or not tag:
@@ -128,10 +124,34 @@ class ModelService:
         log.info("model loaded", model=entry.id)
         return entry, progress.message("success", "Model loaded successfully")
 
-    def export(self, ref: str) -> tuple[str, Iterator[bytes]]:
-        """The tarball of a model, as a file name and a lazy chunk iterator."""
+    def export(self, ref: str) -> tuple[str, Generator[bytes, None, None]]:
+        """The tarball of a model, as a file name and a lazy chunk iterator.
+
+        Every blob is opened before the first byte goes out, so a missing file is an error
+        status rather than a cut stream, and a delete during the export cannot truncate it.
+        """
         entry = self._resolve(ref)
         manifest = self.store.manifest(entry)
         raw = self.store.manifest_bytes(entry)
-        blobs = [file_source(d, self.store.blob_path(d.digest)) for d in manifest.blobs]
-        return f"{ref}.tar", iter_tar(blobs, raw)
+        files: list[BinaryIO] = []
+        try:
+            for d in manifest.blobs:
+                files.append(open(self.store.blob_path(d.digest), "rb"))  # noqa: SIM115
+        except OSError as exc:
+            for f in files:
+                f.close()
+            raise errors.ServiceError(f"error while exporting model: {exc}") from None
+        blobs = [BlobSource(d, _opened(f)) for d, f in zip(manifest.blobs, files, strict=True)]
+        return f"{ref}.tar", _closing_after(iter_tar(blobs, raw), files)
+
+
+def _opened(f: BinaryIO) -> Callable[[], BinaryIO]:
+    return lambda: f
+
+
+def _closing_after(chunks: Iterator[bytes], files: list[BinaryIO]) -> Generator[bytes, None, None]:
+    try:
+        yield from chunks
+    finally:
+        for f in files:
+            f.close()

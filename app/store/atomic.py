@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -38,6 +39,9 @@ class AtomicFile:
         self.size = 0
         self._committed = False
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+        # Held while the file is being written: a store opening in another process can tell
+        # a live temp file from one a crash left behind (see remove_abandoned).
+        fcntl.flock(fd, fcntl.LOCK_EX)
         self._tmp = Path(tmp)
         self._file: BinaryIO = os.fdopen(fd, "wb")
 
@@ -67,3 +71,21 @@ class AtomicFile:
         os.replace(self._tmp, self.path)
         fsync_dir(self.path.parent)
         self._committed = True
+
+
+def remove_abandoned(directory: Path) -> None:
+    """Delete temp files nobody is writing any more (their writer crashed or was killed)."""
+    for tmp in directory.glob(TEMP_PREFIX + "*"):
+        if tmp.is_dir():
+            continue
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer holds it
+        finally:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)

@@ -7,11 +7,14 @@ paths, all hard links to blobs, plus ``config.json``. A runner is always given t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -91,22 +94,37 @@ def build(root: Path, files: dict[str, Path], config: dict[str, Any]) -> None:
                 shutil.copyfile(blob, target)
         (tmp / "config.json").write_text(json.dumps(config))
         os.rename(tmp, root)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another request built it first
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not root.is_dir():
+            raise
+        # Another request built the same bundle first; theirs is as good as ours.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def remove_abandoned(bundles_dir: Path, min_age_s: float = 3600) -> None:
+    """Bundles half-built by a process that died; a live build finishes in well under this."""
+    now = time.time()
+    for tmp in bundles_dir.glob(".tmp-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > min_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def first_weights(files: dict[str, str]) -> str:
+    """The GGUF llama.cpp is given: the only one, or shard 00001 of a split model."""
+    shards = sorted(k for k in files if k == "model/model.gguf" or _SHARD.search(k))
+    if not shards:
+        raise BundleError("the model has no GGUF weights for llama.cpp")
+    return shards[0]
+
+
 def describe(root: Path, files: dict[str, str], config: dict[str, Any]) -> Bundle:
-    first = (
-        "model/model.gguf"
-        if "model/model.gguf" in files
-        else min(k for k in files if _SHARD.search(k))
-    )
     return Bundle(
         root=root,
-        gguf=root / first,
+        gguf=root / first_weights(files),
         mmproj=root / "model/model.mmproj" if "model/model.mmproj" in files else None,
         chat_template=root / "model/template.jinja" if "model/template.jinja" in files else None,
         config=config,

@@ -18,6 +18,7 @@ from app.distribution.manifest import (
     MAX_MANIFEST_BYTES,
     InvalidManifest,
     UnsupportedConfig,
+    parse_config,
     parse_manifest,
 )
 from app.distribution.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
@@ -28,6 +29,25 @@ _BLOB_NAME = re.compile(rf"^{BLOBS_DIR}/([0-9a-f]{{64}})$")
 _DIRS = {"blobs", BLOBS_DIR}
 # Room left on the disk after a blob is written, so an import cannot fill it to the last byte.
 _DISK_RESERVE = 256 * 1024 * 1024
+
+
+# Extended headers (PAX, GNU long names) are read whole into memory by tarfile; ours are tiny.
+_MAX_EXTENDED_HEADER = 64 * 1024
+_EXTENDED_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses extended headers big enough to exhaust memory (a hostile upload's easy win)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED_TYPES and self.size > _MAX_EXTENDED_HEADER:
+            raise tarfile.HeaderError(f"extended tar header of {self.size} bytes")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
 class InvalidArchive(ValueError):
@@ -41,33 +61,46 @@ class InsufficientStorage(OSError):
 def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
     added: list[str] = []
     try:
-        manifest_raw = _read_members(store, stream, added)
-        try:
-            manifest = parse_manifest(manifest_raw)
-        except UnsupportedConfig:
-            raise
-        except InvalidManifest as exc:
-            raise InvalidArchive(f"invalid manifest.json: {exc}") from None
-        try:
-            bundle.layout(manifest)
-        except bundle.BundleError as exc:
-            raise InvalidArchive(str(exc)) from None
-        for blob in manifest.blobs:
-            if not store.has_blob(blob.digest, blob.size):
-                raise InvalidArchive(f"archive lacks blob {blob.digest} named by its manifest")
-        entry = store.add_model(manifest_raw)
+        with contextlib.ExitStack() as pins:
+            entry = _import(store, stream, added, pins)
     except BaseException:
-        store.discard_blobs(added)
+        store.discard_blobs(added)  # after our own pins are released
         raise
     with contextlib.suppress(bundle.BundleError):  # not a llama.cpp model: no bundle to make
         store.bundle(entry)
     return entry
 
 
-def _read_members(store: ModelStore, stream: BinaryIO, added: list[str]) -> bytes:
+def _import(
+    store: ModelStore, stream: BinaryIO, added: list[str], pins: contextlib.ExitStack
+) -> IndexEntry:
+    manifest_raw = _read_members(store, stream, added, pins)
+    try:
+        manifest = parse_manifest(manifest_raw)
+    except UnsupportedConfig:
+        raise
+    except InvalidManifest as exc:
+        raise InvalidArchive(f"invalid manifest.json: {exc}") from None
+    try:
+        bundle.layout(manifest)
+    except bundle.BundleError as exc:
+        raise InvalidArchive(str(exc)) from None
+    for blob in manifest.blobs:
+        if not store.has_blob(blob.digest, blob.size):
+            raise InvalidArchive(f"archive lacks blob {blob.digest} named by its manifest")
+    try:
+        parse_config(store.blob_path(manifest.config.digest).read_bytes())
+    except InvalidManifest as exc:
+        raise InvalidArchive(str(exc)) from None
+    return store.add_model(manifest_raw)
+
+
+def _read_members(
+    store: ModelStore, stream: BinaryIO, added: list[str], pins: contextlib.ExitStack
+) -> bytes:
     manifest: bytes | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 name = member.name.removeprefix("./").rstrip("/")
                 if member.isdir() and name in _DIRS:
@@ -83,6 +116,8 @@ def _read_members(store: ModelStore, stream: BinaryIO, added: list[str]) -> byte
                 if not m:
                     raise InvalidArchive(f"unexpected archive entry {member.name!r}")
                 digest = "sha256:" + m.group(1)
+                # Kept from deletion by other requests until this import commits or fails.
+                pins.enter_context(store.pinned([digest]))
                 if _store_blob(store, tar, member, digest):
                     added.append(digest)
     except (tarfile.TarError, EOFError) as exc:

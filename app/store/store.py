@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from app.distribution import reference
 from app.distribution.manifest import Manifest, parse_manifest
 from app.store import bundle as bundle_mod
-from app.store.atomic import TEMP_PREFIX, AtomicFile, write_atomic
+from app.store.atomic import AtomicFile, remove_abandoned, write_atomic
 from app.store.bundle import Bundle
 from app.store.partial import PartialBlob, remove_stale
 
@@ -44,6 +45,10 @@ class ModelNotFound(StoreError):
 
 class DigestMismatch(StoreError):
     pass
+
+
+class MultipleTags(StoreError):
+    """Deleting by ID a model that several tags name needs force."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class ModelStore:
         self.bundles_dir = root / "bundles" / "sha256"
         self._index_path = root / "models.json"
         self._lock = threading.RLock()
+        self._pins: Counter[str] = Counter()
         self._init_layout()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -116,12 +122,9 @@ class ModelStore:
             self._write_index([])
         # Temp files are what a crash leaves behind mid-write; nothing refers to them. Partial
         # downloads are kept for resuming, unless nobody came back for them in a week.
-        for d in (self.root, self.blobs_dir, self.manifests_dir, self.bundles_dir):
-            for tmp in d.glob(TEMP_PREFIX + "*"):
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    tmp.unlink(missing_ok=True)
+        for d in (self.root, self.blobs_dir, self.manifests_dir):
+            remove_abandoned(d)
+        bundle_mod.remove_abandoned(self.bundles_dir)
         remove_stale(self.blobs_dir)
 
     @contextlib.contextmanager
@@ -235,6 +238,7 @@ class ModelStore:
         """The model's runtime bundle, built on first use (a runner starts from it)."""
         manifest = self.manifest(entry)
         files = bundle_mod.layout(manifest)
+        bundle_mod.first_weights(files)  # no weights, no bundle
         config = self.config(entry).get("config") or {}
         root = self.bundles_dir / entry.hex
         bundle_mod.build(root, {rel: self.blob_path(d) for rel, d in files.items()}, config)
@@ -268,42 +272,72 @@ class ModelStore:
                 raise ModelNotFound()
             self._write_index(_retag(entries, model_id, [tag]))
 
-    def untag(self, model_id: str, canonical: str) -> IndexEntry:
-        with self._locked():
-            entries = self.entries()
-            out = []
-            for e in entries:
-                if e.id == model_id:
-                    kept = tuple(t for t in e.tags if _canonical_tag(t) != canonical)
-                    e = IndexEntry(e.id, kept, e.files)
-                out.append(e)
-            self._write_index(out)
-            return next(e for e in out if e.id == model_id)
+    def untag(self, model_id: str, canonical: str) -> tuple[str, IndexEntry | None]:
+        """Remove one tag; the model goes too when it was its last tag (DMR's DELETE by name).
 
-    def delete(self, model_id: str) -> IndexEntry:
-        """Remove a model; blobs shared with other models stay. Returns the removed entry."""
+        Returns the tag as it was stored and, when the model was deleted, its entry. Decided
+        under the lock, so two requests removing a model's two tags cannot leave it tagless.
+        """
         with self._locked():
-            entries = self.entries()
-            doomed = next((e for e in entries if e.id == model_id), None)
-            if doomed is None:
+            entry = self.get(model_id)
+            stored = entry.stored_tag(canonical)
+            if stored is None:
                 raise ModelNotFound()
-            rest = [e for e in entries if e.id != model_id]
-            self._write_index(rest)  # commit point: from here the model is gone
-            still_used = {f for e in rest for f in e.files}
-            shutil.rmtree(self.bundles_dir / doomed.hex, ignore_errors=True)
-            (self.manifests_dir / doomed.hex).unlink(missing_ok=True)
-            for digest in doomed.files:
-                if digest not in still_used:
-                    self.blob_path(digest).unlink(missing_ok=True)
-            return doomed
+            if len(entry.tags) == 1:
+                return stored, self._delete_locked(model_id)
+            kept = tuple(t for t in entry.tags if t != stored)
+            self._replace(IndexEntry(entry.id, kept, entry.files))
+            return stored, None
+
+    def delete(self, model_id: str, force: bool = True) -> IndexEntry:
+        """Remove a model; blobs shared with other models stay. Returns the removed entry.
+
+        Without ``force`` a model with several tags is refused (DMR's rule for deleting by ID).
+        """
+        with self._locked():
+            if not force and len(self.get(model_id).tags) > 1:
+                raise MultipleTags()
+            return self._delete_locked(model_id)
+
+    def _replace(self, entry: IndexEntry) -> None:
+        self._write_index([entry if e.id == entry.id else e for e in self.entries()])
+
+    def _delete_locked(self, model_id: str) -> IndexEntry:
+        entries = self.entries()
+        doomed = next((e for e in entries if e.id == model_id), None)
+        if doomed is None:
+            raise ModelNotFound()
+        rest = [e for e in entries if e.id != model_id]
+        self._write_index(rest)  # commit point: from here the model is gone
+        shutil.rmtree(self.bundles_dir / doomed.hex, ignore_errors=True)
+        (self.manifests_dir / doomed.hex).unlink(missing_ok=True)
+        self._drop_unused(doomed.files, rest)
+        return doomed
+
+    def _drop_unused(self, digests: Iterable[str], entries: list[IndexEntry]) -> None:
+        """Delete blobs no model uses and no import or pull in progress is counting on."""
+        used = {f for e in entries for f in e.files} | set(self._pins)
+        for digest in digests:
+            if digest not in used:
+                self.blob_path(digest).unlink(missing_ok=True)
 
     def discard_blobs(self, digests: Iterable[str]) -> None:
         """Drop blobs an aborted import wrote, unless a committed model uses them."""
         with self._locked():
-            used = {f for e in self.entries() for f in e.files}
-            for digest in digests:
-                if digest not in used:
-                    self.blob_path(digest).unlink(missing_ok=True)
+            self._drop_unused(digests, self.entries())
+
+    @contextlib.contextmanager
+    def pinned(self, digests: Iterable[str]) -> Iterator[None]:
+        """Keep these blobs from being deleted while an import or pull relies on them."""
+        wanted = list(digests)
+        with self._lock:
+            self._pins.update(wanted)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(wanted)
+                self._pins += Counter()  # drop the zero counts
 
     def purge(self) -> None:
         with self._locked():

@@ -1,0 +1,1 @@
+"""Inference on llama.cpp: one model, one context, many sequences (no HTTP here)."""
