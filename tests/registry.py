@@ -148,9 +148,10 @@ class Proxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
-        await asyncio.gather(
-            self._pump(reader, up_writer, None), self._pump(up_reader, writer, self.rate)
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy is shutting down
+            await asyncio.gather(
+                self._pump(reader, up_writer, None), self._pump(up_reader, writer, self.rate)
+            )
 
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None
