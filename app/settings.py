@@ -36,6 +36,10 @@ class Settings:
     docker_config: Path = Path.home() / ".docker" / "config.json"
     # Extra browser origins allowed to call the API (DMR_ORIGINS), beside localhost's.
     origins: tuple[str, ...] = ()
+    # Sequences one runner decodes together (continuous batching slots).
+    parallel: int = 4
+    # CPU threads per runner.
+    threads: int = os.cpu_count() or 2
     # Where the CLI finds the service.
     host: str = "http://localhost:12434"
     # JSON bodies (tags, configure, inference) are small; tar uploads stream and are not capped.
@@ -56,6 +60,8 @@ class Settings:
             insecure_registries=_insecure(env, "INSECURE_REGISTRY"),
             docker_config=_docker_config(env, cls.docker_config),
             host=_get(env, "MODEL_RUNNER_HOST") or cls.host,
+            parallel=_positive(env, "MODEL_RUNNER_PARALLEL", cls.parallel),
+            threads=_positive(env, "MODEL_RUNNER_THREADS", cls.threads),
             origins=tuple(o.strip() for o in _get(env, "DMR_ORIGINS").split(",") if o.strip()),
         )
 
@@ -76,6 +82,15 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
         return default
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise SettingsError(f"{name}={raw!r}: expected a TCP port number between 1 and 65535")
+    return int(raw)
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SettingsError(f"{name}={raw!r}: expected a whole number of at least 1")
     return int(raw)
 
 

@@ -10,12 +10,14 @@ import aiohttp
 from aiohttp import web
 
 from app import __version__
-from app.api import models
+from app.api import models, openai
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.middleware import access_log, error_answers
 from app.api.responses import json_response
 from app.logging import get_logger
+from app.scheduler.runners import RunnerManager
 from app.service.distribution import DistributionService
+from app.service.inference import InferenceService
 from app.service.models import ModelService
 from app.settings import Settings
 from app.store import ModelStore
@@ -52,6 +54,8 @@ def _routes() -> list[tuple[str, str, Handler]]:
     for prefix in OPENAI_PREFIXES:
         routes.append(("GET", f"{prefix}/models", models.openai_models))
         routes.append(("GET", f"{prefix}/models/{{name:.+}}", models.openai_model))
+        for route in openai.ROUTES:
+            routes.append(("POST", f"{prefix}/{route}", openai.handler(route)))
     return routes
 
 
@@ -75,6 +79,14 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
             yield
 
     app.cleanup_ctx.append(registry_session)
+
+    async def runners(app: web.Application) -> AsyncIterator[None]:
+        manager = RunnerManager(store, settings.parallel, settings.threads)
+        app[openai.INFERENCE] = InferenceService(store, manager)
+        yield
+        await manager.close()
+
+    app.cleanup_ctx.append(runners)
     for method, path, handler in _routes():
         for prefixed in (path, DESKTOP_PREFIX + path):
             if method == "GET":
@@ -88,7 +100,11 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
     app = create_app(settings)
     # Requests still running at shutdown get this long before their connections are closed.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+    # handler_cancellation: a client that goes away cancels its request, so an inference stops
+    # within a decode step and a pull stops downloading.
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=10, handler_cancellation=True
+    )
     await runner.setup()
     sites: list[web.BaseSite] = [web.TCPSite(runner, settings.addr, settings.port)]
     if settings.sock is not None:

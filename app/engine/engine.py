@@ -1,0 +1,289 @@
+"""Continuous batching over one llama_context.
+
+One thread owns the context. Each step it admits waiting requests into free sequence slots,
+then runs a single ``llama_decode`` that advances every generating sequence by one token and
+prefills admitted prompts in chunks (so a long prompt never stalls the others for long).
+Tokens go back through each request's ``sink``, called on the engine thread; the runner turns
+that into asyncio events with ``call_soon_threadsafe``.
+
+A slot keeps the tokens of its last request in the KV cache: the next request that shares a
+prefix with them (a chat's earlier turns) only prefills the rest, as llama-server's
+``cache_prompt`` does. A cancelled request stops at the next step and its slot is free at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp as L
+
+from app.engine.llama import Batch, LlamaError, Model
+from app.engine.sampling import Sampler, SamplingParams
+from app.engine.text import Detokenizer, StopMatcher
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    sink: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens in the KV cache, in order
+    request: Request | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    sampler: Sampler | None = None
+    next_token: int | None = None
+    logits_at: int = -1
+    generated: int = 0
+    reused: int = 0
+    detok: Detokenizer = field(default_factory=Detokenizer)
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
+
+
+class Engine:
+    def __init__(
+        self, model: Model, ctx_size: int, parallel: int, threads: int, batch_size: int = 512
+    ) -> None:
+        self.model = model
+        self.ctx_size = ctx_size
+        self.parallel = parallel
+        self.batch_size = batch_size
+        params = L.llama_context_default_params()
+        params.n_ctx = ctx_size * parallel
+        params.n_batch = batch_size
+        params.n_ubatch = batch_size
+        params.n_seq_max = parallel
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = True
+        params.no_perf = True
+        self.ctx = L.llama_init_from_model(model.ptr, params)
+        if not self.ctx:
+            raise LlamaError("llama.cpp could not create a context (out of memory?)")
+        self.memory = L.llama_get_memory(self.ctx)
+        self.batch = Batch(batch_size + parallel, parallel)
+        self.slots = [_Slot(seq=i) for i in range(parallel)]
+        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._waiting: list[Request] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- API (any thread) ---------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self._queue.put(request)
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        self._queue.put(None)  # wake the loop if it is idle
+
+    def close(self) -> None:
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        for slot in self.slots:
+            if slot.sampler:
+                slot.sampler.close()
+        self.batch.close()
+        L.llama_free(self.ctx)
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                busy = any(s.request for s in self.slots)
+                self._take_new(block=not busy and not self._waiting)
+                self._drop_cancelled()
+                self._admit()
+                if any(s.request for s in self.slots):
+                    self._step()
+            except Exception as exc:
+                # Whatever broke fails the requests in flight, never the engine: the next
+                # request starts from a clean cache.
+                self._fail_all(f"inference failed: {exc}")
+
+    def _fail_all(self, message: str) -> None:
+        for slot in self.slots:
+            L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+            slot.cached = []
+            if slot.request:
+                self._finish(slot, Failed(message))
+
+    def _take_new(self, block: bool) -> None:
+        try:
+            item = self._queue.get(block=block, timeout=None if block else 0)
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                self._waiting.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = [r for r in self._waiting if not r.cancelled]
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                _report(slot.request, self._done(slot, "cancelled"))
+                self._release(slot)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self.slots if s.request is None]
+            if not free:
+                return
+            request = self._waiting.pop(0)
+            # The free slot whose cache shares the longest prefix with this prompt.
+            slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
+            reuse = min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
+            L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+            slot.cached = slot.cached[:reuse]
+            slot.request = request
+            slot.pending = request.prompt[reuse:]
+            slot.reused = reuse
+            slot.generated = 0
+            slot.next_token = None
+            slot.detok = Detokenizer()
+            slot.stops = StopMatcher(request.stop)
+            try:
+                slot.sampler = Sampler(self.model, request.sampling)
+            except LlamaError as exc:
+                self._finish(slot, Failed(str(exc)))
+
+    def _step(self) -> None:
+        batch = self.batch
+        batch.clear()
+        for slot in self.slots:
+            slot.logits_at = -1
+            if slot.request is not None and slot.next_token is not None:
+                slot.logits_at = batch.add(slot.next_token, len(slot.cached), slot.seq, True)
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+        budget = self.batch_size - batch.size
+        for slot in self.slots:
+            if slot.request is None or not slot.pending or budget <= 0:
+                continue
+            chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
+            for i, token in enumerate(chunk):
+                last = not slot.pending and i == len(chunk) - 1
+                index = batch.add(token, len(slot.cached), slot.seq, last)
+                slot.cached.append(token)
+                if last:
+                    slot.logits_at = index
+            budget -= len(chunk)
+        if batch.size == 0:
+            return
+        rc = L.llama_decode(self.ctx, batch.ptr)
+        if rc != 0:
+            raise LlamaError(f"llama_decode returned {rc}")
+        for slot in self.slots:
+            if slot.request is not None and slot.logits_at >= 0:
+                self._advance(slot)
+
+    def _advance(self, slot: _Slot) -> None:
+        request, sampler = slot.request, slot.sampler
+        assert request is not None and sampler is not None
+        token = sampler.sample(self.ctx, slot.logits_at)
+        if self.model.is_eog(token):
+            self._emit_rest(slot)
+            self._finish(slot, self._done(slot, "stop"))
+            return
+        slot.generated += 1
+        text, stopped = slot.stops.feed(slot.detok.feed(self.model.piece(token)))
+        if text:
+            request.sink(Token(text))
+        if stopped:
+            self._finish(slot, self._done(slot, "stop"))
+            return
+        if slot.generated >= request.max_tokens or len(slot.cached) + 1 >= self.ctx_size:
+            self._emit_rest(slot)
+            self._finish(slot, self._done(slot, "length"))
+            return
+        slot.next_token = token
+
+    def _emit_rest(self, slot: _Slot) -> None:
+        assert slot.request is not None
+        rest, _ = slot.stops.feed(slot.detok.flush())
+        rest += slot.stops.flush()
+        if rest:
+            slot.request.sink(Token(rest))
+
+    def _done(self, slot: _Slot, reason: str) -> Finished:
+        assert slot.request is not None
+        return Finished(
+            reason=reason,
+            prompt_tokens=len(slot.request.prompt),
+            completion_tokens=slot.generated,
+            cached_tokens=slot.reused,
+        )
+
+    def _finish(self, slot: _Slot, event: Event) -> None:
+        assert slot.request is not None
+        slot.request.sink(event)
+        _report(slot.request, event)
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        """Free the slot now. Its prompt stays cached for reuse; any undecoded tail goes."""
+        if slot.pending:
+            slot.pending = []
+        if slot.next_token is not None:
+            slot.next_token = None
+        if slot.sampler is not None:
+            slot.sampler.close()
+            slot.sampler = None
+        slot.request = None
+
+
+def _report(request: Request, event: Event) -> None:
+    """One stderr line per request; the front logs its runners' stderr."""
+    if isinstance(event, Finished):
+        text = (
+            f"request done: reason={event.reason} prompt_tokens={event.prompt_tokens} "
+            f"cached_tokens={event.cached_tokens} completion_tokens={event.completion_tokens}"
+        )
+    else:
+        text = f"request failed: {event}"
+    print(text, file=sys.stderr, flush=True)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

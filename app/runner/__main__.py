@@ -1,0 +1,90 @@
+"""``python -m app.runner``: load one model and serve it on a Unix socket until told to stop.
+
+Started by the front, one per (model, mode). Anything that goes wrong at load time is printed
+to stderr, which the front shows the client; the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the front dies, even by SIGKILL, so no runner is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        sys.exit(1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m app.runner")
+    ap.add_argument("--model", type=Path, required=True, help="GGUF (the first shard if split)")
+    ap.add_argument("--name", required=True, help="model name echoed in responses")
+    ap.add_argument("--mode", choices=["completion", "embedding"], default="completion")
+    ap.add_argument("--socket", type=Path, required=True)
+    ap.add_argument("--ctx-size", type=int, default=4096)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--gpu-layers", type=int, default=0)
+    ap.add_argument("--chat-template", type=Path, help="Jinja template overriding the GGUF's")
+    args = ap.parse_args()
+    _die_with_parent()
+
+    # Imported here so that argument errors come back fast, before llama.cpp loads.
+    from app.engine.embed import Embedder
+    from app.engine.engine import Engine
+    from app.engine.llama import LlamaError, Model
+    from app.runner.chat import ChatTemplate, TemplateError
+    from app.runner.server import Runtime, create_app
+
+    try:
+        model = Model(args.model, gpu_layers=args.gpu_layers)
+        ctx = (
+            min(args.ctx_size, model.info.n_ctx_train) if model.info.n_ctx_train else args.ctx_size
+        )
+        runtime = Runtime(model=model, name=args.name, ctx_size=ctx)
+        if args.mode == "embedding":
+            runtime.embedder = Embedder(model, ctx, args.threads)
+        else:
+            source = (
+                args.chat_template.read_text() if args.chat_template else model.info.chat_template
+            )
+            runtime.template = ChatTemplate(source, model.info.bos_text, model.info.eos_text)
+            runtime.engine = Engine(model, ctx, args.parallel, args.threads)
+    except (LlamaError, TemplateError, OSError) as exc:
+        print(f"failed to load model: {exc}", file=sys.stderr)
+        return 1
+    asyncio.run(_serve(create_app(runtime), args.socket))
+    if runtime.engine:
+        runtime.engine.close()
+    return 0
+
+
+async def _serve(app: web.Application, socket: Path) -> None:
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
+    await runner.setup()
+    socket.unlink(missing_ok=True)
+    await web.UnixSite(runner, str(socket)).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""OpenAI request bodies to engine parameters, with a 400 naming the field for anything off."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine.sampling import SamplingParams
+
+
+class ParamError(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Generation:
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _get(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ParamError(f"'{name}' must be a number, not a boolean", name)
+    if not isinstance(value, kinds):
+        raise ParamError(f"'{name}' has the wrong type ({type(value).__name__})", name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = float(_get(body, name, (int, float), default))
+    if not lo <= value <= hi:
+        raise ParamError(f"'{name}' must be between {lo} and {hi}, got {value}", name)
+    return value
+
+
+def _int(body: dict[str, Any], name: str, default: int | None, lo: int) -> int | None:
+    value = _get(body, name, int, default)
+    if value is not None and value < lo:
+        raise ParamError(f"'{name}' must be at least {lo}, got {value}", name)
+    return value
+
+
+def parse_generation(body: dict[str, Any], n_vocab: int) -> Generation:
+    n = _int(body, "n", 1, 1)
+    if n != 1:
+        raise ParamError("'n' must be 1: only one choice per request is supported", "n")
+    for name in ("logprobs", "top_logprobs"):
+        if body.get(name) not in (None, False, 0):
+            raise ParamError(f"'{name}' is not supported yet", name)
+    max_tokens = _int(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", None, 1)
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = stop
+    else:
+        raise ParamError("'stop' must be a string or a list of strings", "stop")
+    seed = _get(body, "seed", int, None)
+    sampling = SamplingParams(
+        temperature=_number(body, "temperature", 0.8, 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.95, 0.0, 1.0),
+        top_k=int(_number(body, "top_k", 40, 0, 1_000_000)),
+        min_p=_number(body, "min_p", 0.05, 0.0, 1.0),
+        seed=seed,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0),
+        logit_bias=_logit_bias(body, n_vocab),
+        grammar=_grammar(body),
+    )
+    stream = _get(body, "stream", bool, False)
+    options = _get(body, "stream_options", dict, {})
+    include_usage = bool(options.get("include_usage", False))
+    return Generation(max_tokens, sampling, stops, stream, include_usage)
+
+
+def _logit_bias(body: dict[str, Any], n_vocab: int) -> dict[int, float]:
+    raw = _get(body, "logit_bias", dict, {})
+    out: dict[int, float] = {}
+    for key, bias in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ParamError(f"'logit_bias' key {key!r} is not a token id", "logit_bias") from None
+        if not 0 <= token < n_vocab:
+            raise ParamError(f"'logit_bias' token {token} is not in the vocabulary", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise ParamError("'logit_bias' values must be numbers from -100 to 100", "logit_bias")
+        # OpenAI's -100 means "never": make it so rather than merely unlikely.
+        out[token] = float("-inf") if bias <= -100 else float(bias)
+    return out
+
+
+def _grammar(body: dict[str, Any]) -> str | None:
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    fmt = _get(body, "response_format", dict, None)
+    if fmt is None or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return JSON_GBNF
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ParamError(
+                "'response_format.json_schema.schema' must be an object", "response_format"
+            )
+        try:
+            return json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:  # the converter raises plain exceptions on odd schemas
+            raise ParamError(f"unsupported JSON schema: {exc}", "response_format") from None
+    raise ParamError(f"unknown response_format type {fmt.get('type')!r}", "response_format")
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ParamError("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ParamError(f"'messages[{i}]' must be an object with a 'role'", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            texts = [p.get("text", "") for p in content if isinstance(p, dict)]
+            content = "".join(t for t in texts if isinstance(t, str))
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ParamError(f"'messages[{i}].content' must be a string or a list", "messages")
+        out.append({**message, "content": content})
+    return out
+
+
+def parse_prompt(body: dict[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return prompt
+    raise ParamError("'prompt' must be a string or a list of token ids", "prompt")
+
+
+def parse_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+    value = body.get("input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [value]
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+            return list(value)
+    raise ParamError("'input' must be a string, a list of strings, or token arrays", "input")

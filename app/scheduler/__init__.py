@@ -1,0 +1,1 @@
+"""Which runner processes live: started on demand, shared, restarted after a crash."""

@@ -1,0 +1,44 @@
+"""Inference requests: check them, find the model, get its runner (spec 5.1).
+
+The request body goes to the runner unchanged; this only reads the ``model`` field.
+"""
+
+from __future__ import annotations
+
+import json
+
+from app import errors
+from app.distribution import reference
+from app.scheduler.runners import Runner, RunnerFailed, RunnerManager
+from app.store import ModelNotFound, ModelStore
+
+BACKENDS = ("llama.cpp",)
+
+
+class InferenceService:
+    def __init__(self, store: ModelStore, runners: RunnerManager) -> None:
+        self.store = store
+        self.runners = runners
+
+    async def runner_for(self, body: bytes, backend: str | None, mode: str) -> Runner:
+        if backend is not None and backend not in BACKENDS:
+            raise errors.NotFound("backend not found")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise errors.BadRequest("invalid request") from None
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(model, str) or not model.strip():
+            raise errors.BadRequest("model is required")
+        try:
+            entry = self.store.resolve(model)
+        except reference.InvalidReference:
+            raise errors.BadRequest(f"Invalid model reference: {model!r}") from None
+        except ModelNotFound:
+            raise errors.NotFound(
+                f"error while getting model: get model '\"{model}\"': model not found"
+            ) from None
+        try:
+            return await self.runners.get(entry, mode, model)
+        except RunnerFailed as exc:
+            raise errors.ServiceError(f"unable to load runner: {exc}") from None
