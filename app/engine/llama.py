@@ -51,10 +51,13 @@ class ModelInfo:
 class Model:
     """A loaded GGUF. Read-only after load, so it may be shared by contexts."""
 
-    def __init__(self, path: Path, gpu_layers: int = 0) -> None:
+    def __init__(self, path: Path, gpu_layers: int = 0, extra_bufts: bool = False) -> None:
         init_backend()
         params = L.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
+        # Extra CPU buffer types repack weights for AMX and friends; ggml's AMX kernels crash
+        # on CPUs (and VMs) where AMX is advertised but not usable, as on this project's CI.
+        params.use_extra_bufts = extra_bufts
         self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not load {path.name}")
