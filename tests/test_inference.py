@@ -365,3 +365,83 @@ def test_corrupt_gguf_is_a_clear_500_and_the_service_lives_on(tmp_path: Path):
         assert greedy(client, "still alive", 2)
     finally:
         srv.stop()
+
+
+def test_logprobs_chat_completions_and_stream(client: openai.OpenAI):
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 6
+    assert "".join(e.token for e in content) == chat.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert entry.logprob == pytest.approx(tops[0])  # greedy picks the most likely token
+        assert bytes(entry.bytes).decode() == entry.token
+
+    text = client.completions.create(
+        model="tiny", prompt="the model", max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == text.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=6,
+            temperature=0,
+            logprobs=True,
+            stream=True,
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for e in chunk.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+
+
+def test_json_object_output_parses(client: openai.OpenAI):
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "json please"}],
+        max_tokens=300,
+        temperature=0,
+        extra_body={"top_k": 1},
+        response_format={"type": "json_object"},
+        logit_bias={str(_vocab()[0].index("}")): 15},  # let the random model close its object
+    )
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+def test_embedding_inputs_and_dimensions(llm: Server):
+    def embed(body: dict) -> tuple[int, dict]:
+        reply = llm.tcp.request(
+            "POST", "/v1/embeddings", json.dumps({"model": "tiny", **body}).encode()
+        )
+        return reply.status, json.loads(reply.body)
+
+    status, by_text = embed({"input": "hello world"})
+    assert status == 200
+    tokens, _, _ = _vocab()
+    ids = [1, tokens.index("\u2581hello"), tokens.index("\u2581world")]
+    status, by_ids = embed({"input": ids})
+    assert status == 200
+    assert by_ids["data"][0]["embedding"] == pytest.approx(
+        by_text["data"][0]["embedding"], abs=1e-5
+    )
+    status, error = embed({"input": "x", "dimensions": 32})
+    assert status == 400 and error["error"]["param"] == "dimensions"
+    status, error = embed({"input": 42})
+    assert status == 400 and error["error"]["param"] == "input"

@@ -20,15 +20,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp as L
+import numpy as np
 
-from app.engine.llama import Batch, LlamaError, Model
+from app.engine.llama import Batch, LlamaError, Model, logits_row
 from app.engine.sampling import Sampler, SamplingParams
 from app.engine.text import Detokenizer, StopMatcher
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    bytes: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]]
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Request:
     sampling: SamplingParams
     sink: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's and n best
     cancelled: bool = False
 
 
@@ -223,9 +234,13 @@ class Engine:
             self._finish(slot, self._done(slot, "stop"))
             return
         slot.generated += 1
-        text, stopped = slot.stops.feed(slot.detok.feed(self.model.piece(token)))
-        if text:
-            request.sink(Token(text))
+        piece = self.model.piece(token)
+        text, stopped = slot.stops.feed(slot.detok.feed(piece))
+        logprobs = ()
+        if request.top_logprobs is not None:
+            logprobs = (self._logprob(slot.logits_at, token, piece, request.top_logprobs),)
+        if text or logprobs:
+            request.sink(Token(text, logprobs))
         if stopped:
             self._finish(slot, self._done(slot, "stop"))
             return
@@ -234,6 +249,21 @@ class Engine:
             self._finish(slot, self._done(slot, "length"))
             return
         slot.next_token = token
+
+    def _logprob(self, index: int, token: int, piece: bytes, n_top: int) -> TokenLogprob:
+        """Log-probabilities from the model's raw distribution (before sampling shapes it)."""
+        row = logits_row(self.ctx, index, self.model.info.n_vocab).astype(np.float64)
+        top = row.max()
+        logz = top + np.log(np.exp(row - top).sum())
+        best = np.argpartition(-row, n_top)[:n_top] if n_top else np.array([], dtype=int)
+        best = best[np.argsort(-row[best])]
+        alternatives = []
+        for t in best.tolist():
+            raw = self.model.piece(t)
+            alternatives.append((raw.decode("utf-8", "replace"), raw, float(row[t] - logz)))
+        return TokenLogprob(
+            piece.decode("utf-8", "replace"), piece, float(row[token] - logz), alternatives
+        )
 
     def _emit_rest(self, slot: _Slot) -> None:
         assert slot.request is not None

@@ -22,6 +22,7 @@ class Generation:
     stop: list[str]
     stream: bool
     include_usage: bool
+    top_logprobs: int | None  # None: no logprobs
 
 
 def _get(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any) -> Any:
@@ -49,13 +50,27 @@ def _int(body: dict[str, Any], name: str, default: int | None, lo: int) -> int |
     return value
 
 
-def parse_generation(body: dict[str, Any], n_vocab: int) -> Generation:
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """Chat: ``logprobs: true`` plus ``top_logprobs`` (0-20). Completions: ``logprobs: n`` (0-5)."""
+    if not chat:
+        n = _int(body, "logprobs", None, 0)
+        if n is not None and n > 5:
+            raise ParamError("'logprobs' must be between 0 and 5", "logprobs")
+        return n
+    wanted = _get(body, "logprobs", bool, False)
+    top = _int(body, "top_logprobs", None, 0)
+    if top is not None and top > 20:
+        raise ParamError("'top_logprobs' must be between 0 and 20", "top_logprobs")
+    if top is not None and not wanted:
+        raise ParamError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def parse_generation(body: dict[str, Any], n_vocab: int, chat: bool = True) -> Generation:
     n = _int(body, "n", 1, 1)
     if n != 1:
         raise ParamError("'n' must be 1: only one choice per request is supported", "n")
-    for name in ("logprobs", "top_logprobs"):
-        if body.get(name) not in (None, False, 0):
-            raise ParamError(f"'{name}' is not supported yet", name)
+    top_logprobs = _logprobs(body, chat)
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
@@ -84,7 +99,7 @@ def parse_generation(body: dict[str, Any], n_vocab: int) -> Generation:
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
     include_usage = bool(options.get("include_usage", False))
-    return Generation(max_tokens, sampling, stops, stream, include_usage)
+    return Generation(max_tokens, sampling, stops, stream, include_usage, top_logprobs)
 
 
 def _logit_bias(body: dict[str, Any], n_vocab: int) -> dict[int, float]:

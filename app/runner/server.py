@@ -7,7 +7,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 from aiohttp import web
 
 from app.engine.embed import Embedder
-from app.engine.engine import Engine, Event, Failed, Finished, Request, Token
+from app.engine.engine import Engine, Event, Failed, Finished, Request, Token, TokenLogprob
 from app.engine.llama import LlamaError, Model
 from app.runner.chat import ChatTemplate, TemplateError
 from app.runner.params import (
@@ -88,7 +88,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     if rt.engine is None:
         return openai_error(400, "this model runs in embedding mode", kind="invalid_request_error")
     body = await _body(request)
-    gen = parse_generation(body, rt.model.info.n_vocab)
+    gen = parse_generation(body, rt.model.info.n_vocab, chat)
     if chat:
         assert rt.template is not None
         text = rt.template.render(parse_messages(body), body.get("tools"))
@@ -114,10 +114,16 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         max_tokens=max_tokens,
         sampling=gen.sampling,
         stop=gen.stop,
+        top_logprobs=gen.top_logprobs,
         sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
     )
     rt.engine.submit(job)
-    reply = _Reply(chat=chat, model=rt.name, include_usage=gen.include_usage)
+    reply = _Reply(
+        chat=chat,
+        model=rt.name,
+        include_usage=gen.include_usage,
+        logprobs=gen.top_logprobs is not None,
+    )
     try:
         if gen.stream:
             return await reply.stream(request, events)
@@ -130,8 +136,10 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
 class _Reply:
     """OpenAI's response shapes, streamed (SSE) or whole."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
+    def __init__(self, chat: bool, model: str, include_usage: bool, logprobs: bool) -> None:
         self.chat = chat
+        self.logprobs = logprobs
+        self._offset = 0  # characters of completion text so far, for text_offset
         self.model = model
         self.include_usage = include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -139,22 +147,50 @@ class _Reply:
         self.object = "chat.completion" if chat else "text_completion"
 
     def _choice(
-        self, text: str | None, finish: str | None, delta: bool, first: bool
+        self,
+        text: str | None,
+        finish: str | None,
+        delta: bool,
+        first: bool,
+        logprobs: Sequence[TokenLogprob] = (),
     ) -> dict[str, Any]:
+        lp = self._format_logprobs(logprobs) if self.logprobs and (logprobs or not delta) else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
         if delta:
             content: dict[str, Any] = {}
             if first:
                 content["role"] = "assistant"
             if text is not None:
                 content["content"] = text
-            return {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "delta": content, "logprobs": lp, "finish_reason": finish}
         return {
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": lp,
             "finish_reason": finish,
+        }
+
+    def _format_logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+
+            def one(token: str, raw: bytes, logprob: float) -> dict[str, Any]:
+                return {"token": token, "logprob": logprob, "bytes": list(raw)}
+
+            content = [
+                {**one(e.token, e.bytes, e.logprob), "top_logprobs": [one(*t) for t in e.top]}
+                for e in entries
+            ]
+            return {"content": content, "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(self._offset)
+            self._offset += len(e.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+            "text_offset": offsets,
         }
 
     def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
@@ -179,16 +215,17 @@ class _Reply:
 
     async def whole(self, events: asyncio.Queue[Event]) -> web.Response:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         while True:
             event = await events.get()
             if isinstance(event, Token):
                 parts.append(event.text)
+                logprobs.extend(event.logprobs)
             elif isinstance(event, Failed):
                 return openai_error(500, event.message, kind="server_error")
             else:
-                body = self._envelope(
-                    [self._choice("".join(parts), event.reason, False, False)], False
-                )
+                choice = self._choice("".join(parts), event.reason, False, False, logprobs)
+                body = self._envelope([choice], False)
                 body["usage"] = self._usage(event)
                 return web.json_response(body)
 
@@ -219,7 +256,7 @@ class _Reply:
         while True:
             event = await events.get()
             if isinstance(event, Token):
-                await send(chunk([self._choice(event.text, None, True, first)]))
+                await send(chunk([self._choice(event.text, None, True, first, event.logprobs)]))
                 first = False
             elif isinstance(event, Failed):
                 await send(
