@@ -33,9 +33,11 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest
 
-# Figures, not pass/fail: pull throughput against a plain download of the same blob.
+# Figures, not pass/fail: pull throughput against a plain download of the same blob, and
+# generation throughput/TTFT against in-process llama.cpp and llama-cpp-python's server.
 bench: $(VENV)/.run-deps $(VENV)/.test-deps
-	$(BIN)/python bench/pull.py
+	$(BIN)/python bench/pull.py --rate-mb 125
+	$(BIN)/python bench/throughput.py
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
