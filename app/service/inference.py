@@ -5,6 +5,7 @@ The request body goes to the runner unchanged; this only reads the ``model`` fie
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from app import errors
@@ -31,7 +32,7 @@ class InferenceService:
         if not isinstance(model, str) or not model.strip():
             raise errors.BadRequest("model is required")
         try:
-            entry = self.store.resolve(model)
+            entry = await asyncio.to_thread(self.store.resolve, model)
         except reference.InvalidReference:
             raise errors.BadRequest(f"Invalid model reference: {model!r}") from None
         except ModelNotFound:
