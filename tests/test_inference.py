@@ -445,3 +445,53 @@ def test_embedding_inputs_and_dimensions(llm: Server):
     assert status == 400 and error["error"]["param"] == "dimensions"
     status, error = embed({"input": 42})
     assert status == 400 and error["error"]["param"] == "input"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {"prompt": [1, 99999]}, "prompt"),
+        ("/v1/completions", {"prompt": [-1]}, "prompt"),
+        ("/v1/embeddings", {"input": [[1, 99999]]}, "input"),
+        ("/v1/completions", {"prompt": "x", "repeat_penalty": 0}, "repeat_penalty"),
+        (
+            "/v1/completions",
+            {
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "string", "pattern": "^a{0,30000}$"}},
+                },
+            },
+            "response_format",
+        ),
+    ],
+)
+def test_hostile_inputs_are_400_and_the_runner_survives(
+    llm: Server, client: openai.OpenAI, path: str, body: dict, field: str
+):
+    reply = llm.tcp.request("POST", path, json.dumps({"model": "tiny", **body}).encode())
+    assert reply.status == 400, reply.text
+    assert json.loads(reply.body)["error"]["param"] == field
+    assert greedy(client, "still here", 2)
+
+
+def test_grammar_with_every_allowed_token_banned_does_not_crash(llm: Server, client: openai.OpenAI):
+    tokens, _, _ = _vocab()
+    banned = {str(i): -100 for i, t in enumerate(tokens) if "{" in t}
+    body = {
+        "model": "tiny",
+        "prompt": "json",
+        "max_tokens": 8,
+        "response_format": {"type": "json_object"},
+        "logit_bias": banned,
+    }
+    reply = llm.tcp.request("POST", "/v1/completions", json.dumps(body).encode())
+    assert reply.status == 200, reply.text
+    assert greedy(client, "still here", 2)
+
+
+def test_deeply_nested_json_is_400(llm: Server):
+    body = b"[" * 50000 + b"]" * 50000
+    reply = llm.tcp.request("POST", "/v1/completions", body)
+    assert reply.status == 400 and reply.text == "invalid request"

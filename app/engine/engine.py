@@ -99,6 +99,9 @@ class Engine:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = True
+        # Sliding-window layers keep the whole context, so a reused prompt prefix attends to
+        # exactly what it would have if decoded afresh.
+        params.swa_full = True
         params.no_perf = True
         self.ctx = L.llama_init_from_model(model.ptr, params)
         if not self.ctx:
@@ -124,6 +127,8 @@ class Engine:
         self._stopping = True
         self._queue.put(None)
         self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            return  # still inside llama_decode: freeing the context now would crash it
         for slot in self.slots:
             if slot.sampler:
                 slot.sampler.close()
@@ -147,10 +152,13 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         for slot in self.slots:
-            L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
-            slot.cached = []
+            self._forget_cache(slot)
             if slot.request:
                 self._finish(slot, Failed(message))
+
+    def _forget_cache(self, slot: _Slot) -> None:
+        L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+        slot.cached = []
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -180,8 +188,13 @@ class Engine:
             request = self._waiting.pop(0)
             # The free slot whose cache shares the longest prefix with this prompt.
             slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
-            reuse = min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
-            L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+            reuse = max(
+                0, min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
+            )
+            if not L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1):
+                # Some caches (recurrent models) cannot drop a tail: start the slot afresh.
+                self._forget_cache(slot)
+                reuse = 0
             slot.cached = slot.cached[:reuse]
             slot.request = request
             slot.pending = request.prompt[reuse:]
@@ -223,7 +236,11 @@ class Engine:
             raise LlamaError(f"llama_decode returned {rc}")
         for slot in self.slots:
             if slot.request is not None and slot.logits_at >= 0:
-                self._advance(slot)
+                try:
+                    self._advance(slot)
+                except Exception as exc:  # fails this request only
+                    self._forget_cache(slot)
+                    self._finish(slot, Failed(f"inference failed: {exc}"))
 
     def _advance(self, slot: _Slot) -> None:
         request, sampler = slot.request, slot.sampler

@@ -109,6 +109,13 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.vocab, token))
 
+    def grammar_compiles(self, grammar: str) -> bool:
+        sampler = L.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        L.llama_sampler_free(sampler)
+        return True
+
     def close(self) -> None:
         if self.ptr:
             L.llama_model_free(self.ptr)

@@ -13,8 +13,12 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from app.engine.engine import Engine
 
 
 def _die_with_parent() -> None:
@@ -67,13 +71,11 @@ def main() -> int:
     except (LlamaError, TemplateError, OSError) as exc:
         print(f"failed to load model: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(_serve(create_app(runtime), args.socket))
-    if runtime.engine:
-        runtime.engine.close()
+    asyncio.run(_serve(create_app(runtime), args.socket, runtime.engine))
     return 0
 
 
-async def _serve(app: web.Application, socket: Path) -> None:
+async def _serve(app: web.Application, socket: Path, engine: Engine | None) -> None:
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     socket.unlink(missing_ok=True)
@@ -84,6 +86,8 @@ async def _serve(app: web.Application, socket: Path) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+    if engine is not None:  # while the loop still runs: the engine's last events land safely
+        await asyncio.to_thread(engine.close)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from app.engine.sampling import SamplingParams
+
+_MAX_REPEAT = 1000
+_MAX_GRAMMAR = 256 * 1024
 
 
 class ParamError(ValueError):
@@ -92,7 +96,7 @@ def parse_generation(body: dict[str, Any], n_vocab: int, chat: bool = True) -> G
         seed=seed,
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.01, 10.0),
         logit_bias=_logit_bias(body, n_vocab),
         grammar=_grammar(body),
     )
@@ -114,8 +118,9 @@ def _logit_bias(body: dict[str, Any], n_vocab: int) -> dict[int, float]:
             raise ParamError(f"'logit_bias' token {token} is not in the vocabulary", "logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
             raise ParamError("'logit_bias' values must be numbers from -100 to 100", "logit_bias")
-        # OpenAI's -100 means "never": make it so rather than merely unlikely.
-        out[token] = float("-inf") if bias <= -100 else float(bias)
+        # OpenAI's -100 means "never". A huge finite bias rather than -inf: with a grammar that
+        # allows only banned tokens, llama.cpp aborts when every candidate is -inf.
+        out[token] = -1e30 if bias <= -100 else float(bias)
     return out
 
 
@@ -134,10 +139,19 @@ def _grammar(body: dict[str, Any]) -> str | None:
             raise ParamError(
                 "'response_format.json_schema.schema' must be an object", "response_format"
             )
+        text = json.dumps(schema)
+        # llama.cpp expands {m,n} repetitions into the grammar; huge counts crash it.
+        if any(int(n) > _MAX_REPEAT for n in re.findall(r"\{\d*,?(\d+)\}", text)):
+            raise ParamError(
+                f"pattern repetitions above {_MAX_REPEAT} are not supported", "response_format"
+            )
         try:
-            return json_schema_to_gbnf(json.dumps(schema))
+            grammar = json_schema_to_gbnf(text)
         except Exception as exc:  # the converter raises plain exceptions on odd schemas
             raise ParamError(f"unsupported JSON schema: {exc}", "response_format") from None
+        if len(grammar) > _MAX_GRAMMAR:
+            raise ParamError("the JSON schema makes too large a grammar", "response_format")
+        return grammar
     raise ParamError(f"unknown response_format type {fmt.get('type')!r}", "response_format")
 
 
@@ -161,30 +175,36 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_prompt(body: dict[str, Any]) -> str | list[int]:
+def parse_prompt(body: dict[str, Any], n_vocab: int) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
+    if isinstance(prompt, list) and prompt and _token_ids(prompt, n_vocab, "prompt"):
         return prompt
     raise ParamError("'prompt' must be a string or a list of token ids", "prompt")
 
 
-def parse_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+def parse_inputs(body: dict[str, Any], n_vocab: int) -> list[str | list[int]]:
     value = body.get("input")
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if _token_ids(value, n_vocab, "input"):
             return [value]
         if all(isinstance(v, str) for v in value):
             return list(value)
-        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+        if all(isinstance(v, list) and v and _token_ids(v, n_vocab, "input") for v in value):
             return list(value)
     raise ParamError("'input' must be a string, a list of strings, or token arrays", "input")
+
+
+def _token_ids(values: list[Any], n_vocab: int, field: str) -> bool:
+    """True for a list of token ids; ids outside the vocabulary are a 400, not a crash."""
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+        return False
+    bad = [t for t in values if not 0 <= t < n_vocab]
+    if bad:
+        raise ParamError(f"token id {bad[0]} is not in the vocabulary (0-{n_vocab - 1})", field)
+    return True

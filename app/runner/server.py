@@ -64,7 +64,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ParamError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ParamError("the request body must be a JSON object")
@@ -97,9 +97,13 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         tokens = rt.model.tokenize(text, add_special=add_bos, parse_special=True)
         field = "messages"
     else:
-        prompt = parse_prompt(body)
+        prompt = parse_prompt(body, rt.model.info.n_vocab)
         tokens = prompt if isinstance(prompt, list) else rt.model.tokenize(prompt, True, True)
         field = "prompt"
+    if not tokens:
+        raise ParamError(f"the {field} is empty", field)
+    if gen.sampling.grammar and not rt.model.grammar_compiles(gen.sampling.grammar):
+        raise ParamError("llama.cpp cannot compile the grammar for this schema", "response_format")
     if len(tokens) >= rt.ctx_size:
         raise ParamError(
             f"the prompt is {len(tokens)} tokens, more than the context size of "
@@ -115,7 +119,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         sampling=gen.sampling,
         stop=gen.stop,
         top_logprobs=gen.top_logprobs,
-        sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        sink=lambda event: (
+            None if loop.is_closed() else loop.call_soon_threadsafe(events.put_nowait, event)
+        ),
     )
     rt.engine.submit(job)
     reply = _Reply(
@@ -284,7 +290,7 @@ async def embeddings(request: web.Request) -> web.Response:
             400, "this model runs in completion mode; embeddings need an embedding runner"
         )
     body = await _body(request)
-    inputs = parse_inputs(body)
+    inputs = parse_inputs(body, rt.model.info.n_vocab)
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise ParamError("'encoding_format' must be 'float' or 'base64'", "encoding_format")

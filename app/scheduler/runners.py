@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import sys
 import tempfile
@@ -73,6 +74,7 @@ class RunnerManager:
         self._runners: dict[tuple[str, str], Runner] = {}
         self._starting: dict[tuple[str, str], asyncio.Task[Runner]] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="model-runner-"))
+        self._serial = 0
 
     async def get(self, entry: IndexEntry, mode: str, name: str) -> Runner:
         key = (entry.id, mode)
@@ -92,15 +94,20 @@ class RunnerManager:
         if task is None:
             task = asyncio.create_task(self._start(entry, mode, name))
             self._starting[key] = task
-            task.add_done_callback(lambda _: self._starting.pop(key, None))
-        runner = await asyncio.shield(task)
-        self._runners[key] = runner
-        return runner
+            task.add_done_callback(lambda t: self._started(key, t))
+        return await asyncio.shield(task)
+
+    def _started(self, key: tuple[str, str], task: asyncio.Task[Runner]) -> None:
+        """Record a runner even when every request waiting for it went away meanwhile."""
+        self._starting.pop(key, None)
+        if not task.cancelled() and task.exception() is None:
+            self._runners[key] = task.result()
 
     async def _start(self, entry: IndexEntry, mode: str, name: str) -> Runner:
         bundle = await asyncio.to_thread(self.store.bundle, entry)
         ctx = int(bundle.config.get("context_size") or DEFAULT_CTX_SIZE)
-        socket = self._dir / f"{entry.hex[:12]}-{mode}.sock"
+        self._serial += 1  # a fresh socket per start: never mistake a stale one for this runner
+        socket = self._dir / f"{entry.hex[:12]}-{mode}-{self._serial}.sock"
         args = [
             sys.executable, "-m", "app.runner",
             "--model", str(bundle.gguf),
@@ -124,8 +131,10 @@ class RunnerManager:
         )
         session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket)))
         runner = Runner(entry.id, mode, socket, proc, session)
+        # An empty context: the runner's lines must not carry the first request's id.
         runner._reader = asyncio.create_task(
-            _collect(proc, runner.stderr, log.bind(model=name, mode=mode, pid=proc.pid))
+            _collect(proc, runner.stderr, log.bind(model=name, mode=mode, pid=proc.pid)),
+            context=contextvars.Context(),
         )
         try:
             await self._wait_ready(runner)

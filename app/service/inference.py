@@ -26,7 +26,7 @@ class InferenceService:
             raise errors.NotFound("backend not found")
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise errors.BadRequest("invalid request") from None
         model = doc.get("model") if isinstance(doc, dict) else None
         if not isinstance(model, str) or not model.strip():
