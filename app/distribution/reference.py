@@ -61,10 +61,6 @@ def looks_like_id(text: str) -> bool:
     return bool(_HEX12.match(text) or _HEX64.match(text) or _DIGEST.match(text))
 
 
-def is_digest(text: str) -> bool:
-    return bool(_DIGEST.match(text))
-
-
 def parse(text: str, default_registry: str = DEFAULT_REGISTRY) -> Reference:
     """Parse and normalize a user's reference; raise InvalidReference with the reason."""
     ref = text.strip()

@@ -349,9 +349,6 @@ class ModelStore:
                     child.unlink(missing_ok=True)
             self._init_layout()
 
-    def disk_usage(self) -> int:
-        return sum(p.stat().st_size for p in self.blobs_dir.iterdir() if p.is_file())
-
 
 def _retag(entries: list[IndexEntry], model_id: str, tags: list[str]) -> list[IndexEntry]:
     """Add ``tags`` to ``model_id`` and remove them from every other entry (tags are unique)."""
