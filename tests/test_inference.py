@@ -495,3 +495,17 @@ def test_deeply_nested_json_is_400(llm: Server):
     body = b"[" * 50000 + b"]" * 50000
     reply = llm.tcp.request("POST", "/v1/completions", body)
     assert reply.status == 400 and reply.text == "invalid request"
+
+
+def test_preload_only_loads_without_generating(tmp_path: Path):
+    srv = start_server(tmp_path, write_tiny_gguf(tmp_path / "t.gguf"))
+    try:
+        body = json.dumps({"model": "tiny", "messages": []}).encode()
+        reply = srv.tcp.request(
+            "POST", "/engines/v1/chat/completions", body, {"X-Preload-Only": "true"}
+        )
+        assert (reply.status, reply.body) == (200, b"")
+        assert "runner ready" in srv.log()
+        assert "request done" not in srv.log()
+    finally:
+        srv.stop()

@@ -85,6 +85,8 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         service = request.app[INFERENCE]
         backend = request.match_info.get("backend")
         runner = await service.runner_for(body, backend, mode)
+        if request.headers.get("X-Preload-Only", "").lower() == "true":
+            return web.Response(status=200)  # `docker model run -d`: load, answer nothing
         try:
             return await _proxy(request, runner, route, body)
         except _RunnerGoneBeforeAnswer:
