@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import posixpath
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -59,13 +61,24 @@ def _routes() -> list[tuple[str, str, Handler]]:
     return routes
 
 
+class _CleanPathRouter(web.UrlDispatcher):
+    """DMR's NormalizedServeMux: a path with ``//`` is cleaned, then routed (no redirect)."""
+
+    async def resolve(self, request: web.Request) -> web.UrlMappingMatchInfo:
+        path = request.rel_url.path
+        if "//" in path:
+            cleaned = posixpath.normpath(re.sub("/+", "/", path))
+            request = request.clone(rel_url=request.rel_url.with_path(cleaned))
+        return await super().resolve(request)
+
+
 def create_app(settings: Settings, store: ModelStore | None = None) -> web.Application:
     app = web.Application(
+        router=_CleanPathRouter(),
         middlewares=[
             access_log,
             origin_checker(settings.origins),
             error_answers,
-            web.normalize_path_middleware(append_slash=False, merge_slashes=True),
         ],
         client_max_size=settings.max_body_bytes,
     )
