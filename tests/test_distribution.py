@@ -415,7 +415,8 @@ def test_at_most_two_pulls_download_at_once(
                 msg = json.loads(line)
                 if msg["type"] == "progress":
                     first_byte.setdefault(i, time.monotonic())
-            finished[i] = time.monotonic()
+                elif msg["type"] == "success":
+                    finished[i] = time.monotonic()
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
         for t in threads:

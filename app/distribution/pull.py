@@ -145,8 +145,9 @@ class Puller:
             entry = await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
             with contextlib.suppress(bundle.BundleError):  # e.g. safetensors: no llama.cpp bundle
                 await asyncio.to_thread(self.store.bundle, entry)
-        log.info("model pulled", model=str(plan.ref), id=plan.model_id)
-        yield progress.message("success", "Model pulled successfully")
+            log.info("model pulled", model=str(plan.ref), id=plan.model_id)
+            # Still holding the slot: the next waiting pull starts only after this one reported.
+            yield progress.message("success", "Model pulled successfully")
 
     def _size(self, entry: IndexEntry) -> str:
         try:
