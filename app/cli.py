@@ -212,11 +212,11 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     body = json.dumps({"from": args.model}).encode()
-    return _transfer("POST", "/models/create", body, ProgressView(verb="Downloading"))
+    return _transfer("POST", "/models/create", body, ProgressView())
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    return _transfer("POST", f"{model_path(args.model)}/push", b"", ProgressView(verb="Uploading"))
+    return _transfer("POST", f"{model_path(args.model)}/push", b"", ProgressView())
 
 
 def _transfer(method: str, path: str, body: bytes, view: ProgressView) -> int:
@@ -278,7 +278,7 @@ async def _push_artifact(built: artifact.Artifact, tag: str, settings: Settings)
 
     store = ModelStore(settings.models_path, settings.default_registry)
     blobs = built.blob_sources()
-    view = ProgressView(verb="Uploading")
+    view = ProgressView()
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         dist = DistributionService(store, settings, session)
         job = await dist.prepare_push_blobs(tag, built.manifest, blobs, None)

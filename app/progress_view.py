@@ -41,10 +41,9 @@ def _mb(n: float) -> str:
 
 
 class ProgressView:
-    def __init__(self, out: TextIO = sys.stderr, verb: str = "Downloading") -> None:
+    def __init__(self, out: TextIO = sys.stderr) -> None:
         self.out = out
         self.tty = out.isatty()
-        self.verb = verb
         self.layers: dict[str, _Layer] = {}
         self._drawn = 0
         self._last_draw = 0.0

@@ -55,6 +55,18 @@ def docker_login(server: Server, tmp_path: Path, host: str, user: str, password:
     server.start()
 
 
+def oras_push(target: str, layer: tuple[Path, str], config: tuple[Path, str]) -> None:
+    """Push with oras-py: another client's idea of a model artifact, to check interop."""
+    import oras.client
+
+    oras.client.OrasClient(hostname=target.split("/")[0], insecure=True).push(
+        target=target,
+        files=[f"{layer[0]}:{layer[1]}"],
+        manifest_config=f"{config[0]}:{config[1]}",
+        disable_path_validation=True,
+    )
+
+
 def models(server: Server) -> list[dict[str, Any]]:
     return json.loads(server.tcp.request("GET", "/models").body)
 
@@ -129,15 +141,12 @@ def test_pull_errors_before_streaming(server: Server, registry: LocalRegistry):
 def test_unsupported_config_type_is_422(
     server: Server, registry: LocalRegistry, tiny_gguf: Path, tmp_path: Path
 ):
-    import oras.client
-
     cfg = tmp_path / "config.json"
     cfg.write_text("{}")
-    oras.client.OrasClient(hostname=registry.host, insecure=True).push(
-        target=f"{registry.host}/org/odd:v1",
-        files=[f"{tiny_gguf}:application/vnd.docker.ai.gguf.v3"],
-        manifest_config=f"{cfg}:application/vnd.example.model.config+json",
-        disable_path_validation=True,
+    oras_push(
+        f"{registry.host}/org/odd:v1",
+        (tiny_gguf, "application/vnd.docker.ai.gguf.v3"),
+        (cfg, "application/vnd.example.model.config+json"),
     )
     status, _, text = pull(server, f"{registry.host}/org/odd:v1")
     assert status == 422
@@ -163,8 +172,6 @@ def test_artifacts_pushed_by_oras_pull(
     config_type: str,
     weights_type: str,
 ):
-    import oras.client
-
     cfg = tmp_path / "config.json"
     cfg.write_text(
         json.dumps(
@@ -174,12 +181,7 @@ def test_artifacts_pushed_by_oras_pull(
             }
         )
     )
-    oras.client.OrasClient(hostname=registry.host, insecure=True).push(
-        target=f"{registry.host}/org/byoras:v1",
-        files=[f"{tiny_gguf}:{weights_type}"],
-        manifest_config=f"{cfg}:{config_type}",
-        disable_path_validation=True,
-    )
+    oras_push(f"{registry.host}/org/byoras:v1", (tiny_gguf, weights_type), (cfg, config_type))
     status, lines, _ = pull(server, f"{registry.host}/org/byoras:v1")
     assert status == 200 and lines[-1]["type"] == "success"
     [model] = models(server)

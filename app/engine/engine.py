@@ -43,7 +43,7 @@ class Token:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length" or, in the runner's log only, "cancelled"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -306,10 +306,8 @@ class Engine:
 
     def _release(self, slot: _Slot) -> None:
         """Free the slot now. Its prompt stays cached for reuse; any undecoded tail goes."""
-        if slot.pending:
-            slot.pending = []
-        if slot.next_token is not None:
-            slot.next_token = None
+        slot.pending = []
+        slot.next_token = None
         if slot.sampler is not None:
             slot.sampler.close()
             slot.sampler = None

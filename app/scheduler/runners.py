@@ -43,7 +43,7 @@ class Runner:
     proc: asyncio.subprocess.Process
     session: aiohttp.ClientSession
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=_STDERR_LINES))
-    _reader: asyncio.Task[None] | None = None
+    reader: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -61,8 +61,8 @@ class Runner:
                 self.proc.kill()
                 await self.proc.wait()
         await self.session.close()
-        if self._reader:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        if self.reader:
+            await asyncio.gather(self.reader, return_exceptions=True)
         self.socket.unlink(missing_ok=True)
 
 
@@ -132,7 +132,7 @@ class RunnerManager:
         session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket)))
         runner = Runner(entry.id, mode, socket, proc, session)
         # An empty context: the runner's lines must not carry the first request's id.
-        runner._reader = asyncio.create_task(
+        runner.reader = asyncio.create_task(
             _collect(proc, runner.stderr, log.bind(model=name, mode=mode, pid=proc.pid)),
             context=contextvars.Context(),
         )
@@ -154,7 +154,7 @@ class RunnerManager:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if not runner.alive:
-                await asyncio.gather(runner._reader or asyncio.sleep(0), return_exceptions=True)
+                await asyncio.gather(runner.reader or asyncio.sleep(0), return_exceptions=True)
                 raise RunnerFailed(
                     f"the runner exited with code {runner.proc.returncode}: {runner.tail()}"
                 )
