@@ -20,6 +20,7 @@ from app.errors import ServiceError
 from app.packaging import artifact
 from app.packaging.gguf_config import GGUFError
 from app.progress_view import ProgressView, TransferFailed
+from app.scheduler import manifest
 from app.settings import Settings, SettingsError
 from app.store import ModelStore, StoreError
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         GGUFError,
         StoreError,
         SettingsError,
+        manifest.ManifestError,
         reference.InvalidReference,
         OSError,
         ServiceError,
@@ -100,8 +102,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.logging import configure_logging
 
     settings = Settings.from_env()
+    entries = manifest.startup_entries(
+        settings.manifest, settings.preload_models, settings.default_registry
+    )
     configure_logging(settings)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, entries))
     return 0
 
 

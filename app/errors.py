@@ -32,3 +32,11 @@ class InsufficientStorage(ServiceError):
 
 class Unauthorized(ServiceError):
     """The registry refused our credentials, or wants some (HTTP 401)."""
+
+
+class Unavailable(ServiceError):
+    """No capacity now: a full queue or no memory to load a model (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

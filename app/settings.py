@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from app.scheduler import memory
+from app.scheduler.durations import DurationError, parse_keep_alive
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console")
@@ -40,6 +43,21 @@ class Settings:
     parallel: int = 4
     # CPU threads per runner.
     threads: int = os.cpu_count() or 2
+    # GPU layers per runner; None: all when llama.cpp was built with offload, else none.
+    gpu_layers: int | None = None
+    # Idle runners leave after this many seconds; None: never (MODEL_RUNNER_KEEP_ALIVE=-1).
+    keep_alive: float | None = 300.0
+    # Bytes the runners' estimated memory may add up to.
+    memory_limit: int = field(
+        default_factory=lambda: int(memory.machine_memory() * memory.DEFAULT_SHARE)
+    )
+    # Requests waiting for a runner's slots beyond which new ones get 503 at once.
+    max_queue: int = 64
+    # Seconds requests in flight get to finish after SIGTERM: under `docker stop`'s 10 s grace.
+    shutdown_timeout: float = 8.0
+    # The preload manifest (YAML) and/or a comma-separated list of references to preload.
+    manifest: Path | None = None
+    preload_models: tuple[str, ...] = ()
     # Where the CLI finds the service.
     host: str = "http://localhost:12434"
     # JSON bodies (tags, configure, inference) are small; tar uploads stream and are not capped.
@@ -63,6 +81,15 @@ class Settings:
             parallel=_positive(env, "MODEL_RUNNER_PARALLEL", cls.parallel),
             threads=_positive(env, "MODEL_RUNNER_THREADS", cls.threads),
             origins=tuple(o.strip() for o in _get(env, "DMR_ORIGINS").split(",") if o.strip()),
+            gpu_layers=_gpu_layers(env, "MODEL_RUNNER_GPU_LAYERS"),
+            keep_alive=_keep_alive(env, "MODEL_RUNNER_KEEP_ALIVE", cls.keep_alive),
+            memory_limit=_memory_limit(env, "MODEL_RUNNER_MEMORY_LIMIT"),
+            max_queue=_whole(env, "MODEL_RUNNER_MAX_QUEUE", cls.max_queue),
+            shutdown_timeout=_seconds(env, "MODEL_RUNNER_SHUTDOWN_TIMEOUT", cls.shutdown_timeout),
+            manifest=_manifest(env, "MODEL_RUNNER_MANIFEST"),
+            preload_models=tuple(
+                m.strip() for m in _get(env, "MODEL_RUNNER_MODELS").split(",") if m.strip()
+            ),
         )
 
     def is_insecure(self, registry: str) -> bool:
@@ -92,6 +119,74 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise SettingsError(f"{name}={raw!r}: expected a whole number of at least 1")
     return int(raw)
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise SettingsError(f"{name}={raw!r}: expected a whole number (0 or more)")
+    return int(raw)
+
+
+def _gpu_layers(env: Mapping[str, str], name: str) -> int | None:
+    raw = _get(env, name).lower()
+    if raw in ("", "auto", "all", "-1"):
+        return None
+    if not raw.isdigit():
+        raise SettingsError(f"{name}={raw!r}: expected a number of layers, or all")
+    return int(raw)
+
+
+def _keep_alive(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = _get(env, name)
+    if not raw:
+        return default
+    try:
+        return parse_keep_alive(raw)
+    except DurationError:
+        raise SettingsError(
+            f"{name}={raw!r}: expected a duration such as 30s, 5m or 1h, 0 (unload when idle) "
+            "or -1 (never)"
+        ) from None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    if not raw:
+        return default
+    try:
+        seconds = parse_keep_alive(raw)
+    except DurationError:
+        seconds = None
+    if seconds is None:
+        raise SettingsError(f"{name}={raw!r}: expected a duration such as 10s or 2m")
+    return seconds
+
+
+def _memory_limit(env: Mapping[str, str], name: str) -> int:
+    whole = memory.machine_memory()
+    raw = _get(env, name)
+    if not raw:
+        return int(whole * memory.DEFAULT_SHARE)
+    try:
+        limit = memory.parse_size(raw, whole)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    if limit <= 0:
+        raise SettingsError(f"{name}={raw!r}: must be more than 0 bytes")
+    return limit
+
+
+def _manifest(env: Mapping[str, str], name: str) -> Path | None:
+    raw = _get(env, name)
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"{name}={raw!r}: no such file")
+    return path
 
 
 def _path(env: Mapping[str, str], name: str, default: Path) -> Path:

@@ -363,8 +363,9 @@ def test_corrupt_gguf_is_a_clear_500_and_the_service_lives_on(tmp_path: Path):
         body = json.dumps({"model": model_id, "prompt": "hi"}).encode()
         reply = srv.tcp.request("POST", "/v1/completions", body)
         assert reply.status == 500
-        assert reply.text.startswith("unable to load runner: the runner exited with code 1")
-        assert "failed to load model" in reply.text
+        # Caught before a runner starts: the GGUF's header does not parse.
+        assert reply.text.startswith("unable to load runner: failed to load model")
+        assert "is not a usable GGUF" in reply.text
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x")
         assert greedy(client, "still alive", 2)
     finally:

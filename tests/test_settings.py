@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from app.scheduler import memory
+from app.scheduler.durations import DurationError, format_keep_alive, parse_keep_alive
 from app.settings import Settings, SettingsError
 from tests.conftest import REPO
 
@@ -55,11 +57,79 @@ def test_values_from_env(tmp_path: Path):
         ("LOG_LEVEL", "chatty"),
         ("LOG_FORMAT", "xml"),
         ("MODELS_PATH", "/etc/hostname"),
+        ("MODEL_RUNNER_KEEP_ALIVE", "soon"),
+        ("MODEL_RUNNER_MEMORY_LIMIT", "lots"),
+        ("MODEL_RUNNER_MEMORY_LIMIT", "0"),
+        ("MODEL_RUNNER_MEMORY_LIMIT", "150%"),
+        ("MODEL_RUNNER_MAX_QUEUE", "-1"),
+        ("MODEL_RUNNER_GPU_LAYERS", "most"),
+        ("MODEL_RUNNER_SHUTDOWN_TIMEOUT", "-1"),
+        ("MODEL_RUNNER_MANIFEST", "/no/such/models.yaml"),
     ],
 )
 def test_bad_value_names_the_variable(var: str, value: str):
     with pytest.raises(SettingsError, match=var):
         Settings.from_env({var: value})
+
+
+def test_scheduler_settings():
+    s = Settings.from_env({})
+    assert (s.keep_alive, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (300, 64, None, 8)
+    assert 0 < s.memory_limit < memory.machine_memory()
+    s = Settings.from_env(
+        {
+            "MODEL_RUNNER_KEEP_ALIVE": "-1",
+            "MODEL_RUNNER_MEMORY_LIMIT": "1.5GiB",
+            "MODEL_RUNNER_MAX_QUEUE": "0",
+            "MODEL_RUNNER_GPU_LAYERS": "20",
+            "MODEL_RUNNER_SHUTDOWN_TIMEOUT": "1m",
+            "MODEL_RUNNER_MODELS": "ai/a, ai/b ,",
+        }
+    )
+    assert (s.keep_alive, s.memory_limit, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (
+        None,
+        int(1.5 * 1024**3),
+        0,
+        20,
+        60,
+    )
+    assert s.preload_models == ("ai/a", "ai/b")
+    assert Settings.from_env({"MODEL_RUNNER_MEMORY_LIMIT": "50%"}).memory_limit == (
+        memory.machine_memory() // 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("300", 300),
+        (300, 300),
+        ("0", 0),
+        (0, 0),
+        ("-1", None),
+        (-1, None),
+        ("-5m", None),
+    ],
+)
+def test_keep_alive_follows_ollama(text: object, seconds: float | None):
+    assert parse_keep_alive(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5 minutes", "m", "5d", "1h 30m", True, None])
+def test_keep_alive_rejects_garbage(text: object):
+    with pytest.raises(DurationError):
+        parse_keep_alive(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(300, "5m0s"), (3600, "1h0m0s"), (1, "1s"), (0, "0s"), (None, "-1")]
+)
+def test_keep_alive_is_shown_as_go_prints_it(seconds: float | None, text: str):
+    assert format_keep_alive(seconds) == text
 
 
 def serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

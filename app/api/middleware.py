@@ -23,6 +23,7 @@ _STATUS = {
     errors.Conflict: 409,
     errors.Unsupported: 422,
     errors.InsufficientStorage: 507,
+    errors.Unavailable: 503,
 }
 
 
@@ -73,7 +74,8 @@ def _answer(request: web.Request, exc: Exception) -> web.Response | None:
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         if status == 500:
             log.error("request failed", error=str(exc))
-        return plain_error(status, str(exc))
+        retry = getattr(exc, "retry_after", None)
+        return plain_error(status, str(exc), {"Retry-After": str(retry)} if retry else None)
     if isinstance(exc, web.HTTPNotFound):
         return plain_error(404, _not_found_text(request.path))
     if isinstance(exc, web.HTTPMethodNotAllowed):

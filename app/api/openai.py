@@ -83,16 +83,17 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest("request too large") from None
         service = request.app[INFERENCE]
-        backend = request.match_info.get("backend")
-        runner = await service.runner_for(body, backend, mode)
-        if request.headers.get("X-Preload-Only", "").lower() == "true":
-            return web.Response(status=200)  # `docker model run -d`: load, answer nothing
-        try:
-            return await _proxy(request, runner, route, body)
-        except _RunnerGoneBeforeAnswer:
-            # It crashed before this request reached it (another request killed it): a fresh
-            # runner can still serve this one.
-            runner = await service.runner_for(body, backend, mode)
+        entry, name = await service.model_for(body, request.match_info.get("backend"))
+        async with service.runner(entry, mode, name) as runner:
+            if request.headers.get("X-Preload-Only", "").lower() == "true":
+                return web.Response(status=200)  # `docker model run -d`: load, answer nothing
+            try:
+                return await _proxy(request, runner, route, body)
+            except _RunnerGoneBeforeAnswer:
+                pass
+        # It crashed before this request reached it (another request killed it): a fresh
+        # runner can still serve this one.
+        async with service.runner(entry, mode, name) as runner:
             return await _proxy(request, runner, route, body, retry=False)
 
     return infer

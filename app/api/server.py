@@ -12,15 +12,18 @@ import aiohttp
 from aiohttp import web
 
 from app import __version__
-from app.api import models, openai
+from app.api import engines, models, openai
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.middleware import access_log, error_answers
 from app.api.responses import json_response
 from app.logging import get_logger
-from app.scheduler.runners import RunnerManager
+from app.scheduler.manifest import ModelEntry
+from app.scheduler.runners import Defaults, RunnerManager
 from app.service.distribution import DistributionService
+from app.service.engines import EnginesService
 from app.service.inference import InferenceService
 from app.service.models import ModelService
+from app.service.preload import Preloader
 from app.settings import Settings
 from app.store import ModelStore
 
@@ -45,6 +48,15 @@ def _routes() -> list[tuple[str, str, Handler]]:
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/", root),
         ("*", "/version", version),
+        ("GET", "/healthz", engines.healthz),
+        ("GET", "/readyz", engines.readyz),
+        ("GET", "/engines/status", engines.status),
+        ("GET", "/engines/ps", engines.ps),
+        ("GET", "/engines/df", engines.df),
+        ("POST", "/engines/unload", engines.unload),
+        ("POST", "/engines/_configure", engines.configure),
+        ("POST", "/engines/{backend}/_configure", engines.configure),
+        ("GET", "/engines/_configure", engines.configs),
         ("GET", "/models", models.list_models),
         ("POST", "/models/create", models.create_model),
         ("POST", "/models/load", models.load_model),
@@ -72,7 +84,9 @@ class _CleanPathRouter(web.UrlDispatcher):
         return await super().resolve(request)
 
 
-def create_app(settings: Settings, store: ModelStore | None = None) -> web.Application:
+def create_app(
+    settings: Settings, entries: list[ModelEntry] | None = None, store: ModelStore | None = None
+) -> web.Application:
     app = web.Application(
         router=_CleanPathRouter(),
         middlewares=[
@@ -94,10 +108,19 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
     app.cleanup_ctx.append(registry_session)
 
     async def runners(app: web.Application) -> AsyncIterator[None]:
-        manager = RunnerManager(store, settings.parallel, settings.threads)
-        app[openai.INFERENCE] = InferenceService(store, manager)
+        manager = RunnerManager(store, _defaults(settings))
+        inference = app[openai.INFERENCE] = InferenceService(store, manager)
+        service = app[engines.ENGINES] = EnginesService(store, inference)
+        preloader = app[engines.PRELOADER] = Preloader(
+            entries or [], store, app[models.DISTRIBUTION], inference
+        )
+        background = [asyncio.create_task(service.probe()), asyncio.create_task(preloader.run())]
         yield
-        await manager.close()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await service.close()
+        await manager.close(settings.shutdown_timeout)
 
     app.cleanup_ctx.append(runners)
     for method, path, handler in _routes():
@@ -109,14 +132,30 @@ def create_app(settings: Settings, store: ModelStore | None = None) -> web.Appli
     return app
 
 
-async def serve(settings: Settings) -> None:
+def _defaults(settings: Settings) -> Defaults:
+    return Defaults(
+        parallel=settings.parallel,
+        threads=settings.threads,
+        gpu_layers=settings.gpu_layers,
+        keep_alive=settings.keep_alive,
+        memory_limit=settings.memory_limit,
+        max_queue=settings.max_queue,
+    )
+
+
+async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> None:
     """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
-    app = create_app(settings)
-    # Requests still running at shutdown get this long before their connections are closed.
+    app = create_app(settings, entries)
+    # On SIGTERM the listeners close at once; requests in flight (streams included) get
+    # shutdown_timeout to finish before their connections are closed.
     # handler_cancellation: a client that goes away cancels its request, so an inference stops
     # within a decode step and a pull stops downloading.
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=10, handler_cancellation=True
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
+        handler_cancellation=True,
     )
     await runner.setup()
     sites: list[web.BaseSite] = [web.TCPSite(runner, settings.addr, settings.port)]
@@ -139,7 +178,7 @@ async def serve(settings: Settings) -> None:
             version=__version__,
         )
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down", drain_timeout_s=settings.shutdown_timeout)
     finally:
         await runner.cleanup()
         if settings.sock is not None:

@@ -42,7 +42,9 @@ def main() -> int:
     ap.add_argument("--ctx-size", type=int, default=4096)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
-    ap.add_argument("--gpu-layers", type=int, default=0)
+    ap.add_argument(
+        "--gpu-layers", type=int, default=-1, help="-1: all when llama.cpp can offload, else 0"
+    )
     ap.add_argument("--chat-template", type=Path, help="Jinja template overriding the GGUF's")
     args = ap.parse_args()
     _die_with_parent()
@@ -55,7 +57,7 @@ def main() -> int:
     from app.runner.server import Runtime, create_app
 
     try:
-        model = Model(args.model, gpu_layers=args.gpu_layers)
+        model = Model(args.model, gpu_layers=_gpu_layers(args.gpu_layers))
         ctx = (
             min(args.ctx_size, model.info.n_ctx_train) if model.info.n_ctx_train else args.ctx_size
         )
@@ -73,6 +75,14 @@ def main() -> int:
         return 1
     asyncio.run(_serve(create_app(runtime), args.socket, runtime.engine))
     return 0
+
+
+def _gpu_layers(asked: int) -> int:
+    if asked >= 0:
+        return asked
+    import llama_cpp
+
+    return 999 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
 async def _serve(app: web.Application, socket: Path, engine: Engine | None) -> None:

@@ -1,4 +1,4 @@
-"""Inference requests: check them, find the model, get its runner (spec 5.1).
+"""Inference requests: check them, find the model, lease its runner (spec 5.1).
 
 The request body goes to the runner unchanged; this only reads the ``model`` field.
 """
@@ -6,12 +6,13 @@ The request body goes to the runner unchanged; this only reads the ``model`` fie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from app import errors
 from app.distribution import reference
-from app.scheduler.runners import Runner, RunnerFailed, RunnerManager
-from app.store import ModelNotFound, ModelStore
+from app.scheduler.runners import Runner, RunnerManager
+from app.store import IndexEntry, ModelNotFound, ModelStore
 
 BACKENDS = ("llama.cpp",)
 
@@ -21,7 +22,8 @@ class InferenceService:
         self.store = store
         self.runners = runners
 
-    async def runner_for(self, body: bytes, backend: str | None, mode: str) -> Runner:
+    async def model_for(self, body: bytes, backend: str | None) -> tuple[IndexEntry, str]:
+        """The stored model a request names, and the name it used."""
         if backend is not None and backend not in BACKENDS:
             raise errors.NotFound("backend not found")
         try:
@@ -31,15 +33,20 @@ class InferenceService:
         model = doc.get("model") if isinstance(doc, dict) else None
         if not isinstance(model, str) or not model.strip():
             raise errors.BadRequest("model is required")
+        return await self.resolve(model), model
+
+    async def resolve(self, model: str) -> IndexEntry:
         try:
-            entry = await asyncio.to_thread(self.store.resolve, model)
+            return await asyncio.to_thread(self.store.resolve, model)
         except reference.InvalidReference:
             raise errors.BadRequest(f"Invalid model reference: {model!r}") from None
         except ModelNotFound:
             raise errors.NotFound(
                 f"error while getting model: get model '\"{model}\"': model not found"
             ) from None
-        try:
-            return await self.runners.get(entry, mode, model)
-        except RunnerFailed as exc:
-            raise errors.ServiceError(f"unable to load runner: {exc}") from None
+
+    def runner(
+        self, entry: IndexEntry, mode: str, name: str
+    ) -> contextlib.AbstractAsyncContextManager[Runner]:
+        """A runner for the request, counted as busy (never evicted) until the block ends."""
+        return self.runners.use(entry, mode, name)

@@ -38,7 +38,8 @@ class BundleError(ValueError):
 @dataclass(frozen=True)
 class Bundle:
     root: Path
-    gguf: Path
+    gguf: Path  # the first shard: llama.cpp finds the others from its name
+    shards: tuple[Path, ...]
     mmproj: Path | None
     chat_template: Path | None
     config: dict[str, Any]
@@ -125,7 +126,12 @@ def describe(root: Path, files: dict[str, str], config: dict[str, Any]) -> Bundl
     return Bundle(
         root=root,
         gguf=root / first_weights(files),
+        shards=tuple(root / rel for rel in sorted(files) if _is_weights(rel)),
         mmproj=root / "model/model.mmproj" if "model/model.mmproj" in files else None,
         chat_template=root / "model/template.jinja" if "model/template.jinja" in files else None,
         config=config,
     )
+
+
+def _is_weights(rel: str) -> bool:
+    return rel.startswith("model/model") and rel.endswith(".gguf")

@@ -1,0 +1,127 @@
+"""How much memory a runner will take, estimated from its GGUF before it starts.
+
+The estimate is deliberately an upper bound (llama.cpp's sliding-window caches and lazy
+allocations often take less): admission must not let the machine swap or OOM-kill.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+MIB = 1024 * 1024
+# Python, aiohttp, numpy and llama.cpp's own buffers in an idle runner (measured: ~65 MiB).
+RUNNER_BASE_BYTES = 96 * MIB
+# llama.cpp reserves a compute graph for one micro-batch; its logits dominate for big vocabs.
+_UBATCH = 512
+_KV_BYTES_PER_VALUE = 2  # f16 cache
+# Share of the machine's memory (or the container's limit) the runners may use by default.
+DEFAULT_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Estimate:
+    ctx_per_slot: int  # what the runner will really get: the request, capped by training
+    weights: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return RUNNER_BASE_BYTES + self.weights + self.kv_cache + self.compute
+
+
+class EstimateError(Exception):
+    pass
+
+
+def estimate(shards: Sequence[Path], ctx_per_slot: int, slots: int) -> Estimate:
+    """Memory for a runner with ``slots`` sequences of ``ctx_per_slot`` tokens each."""
+    try:
+        reader = gguf.GGUFReader(str(shards[0]))
+        weights = sum(p.stat().st_size for p in shards)
+        arch = _str(reader, "general.architecture")
+        n_layer = _int(reader, f"{arch}.block_count")
+        n_head = _int(reader, f"{arch}.attention.head_count")
+        n_embd = _int(reader, f"{arch}.embedding_length")
+        n_head_kv = _int(reader, f"{arch}.attention.head_count_kv", n_head)
+        head_dim = n_embd // max(n_head, 1)
+        k_len = _int(reader, f"{arch}.attention.key_length", head_dim)
+        v_len = _int(reader, f"{arch}.attention.value_length", head_dim)
+        n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        n_ctx_train = _int(reader, f"{arch}.context_length", 0)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+        raise EstimateError(
+            f"failed to load model: {shards[0].name} is not a usable GGUF ({exc})"
+        ) from exc
+    ctx = min(ctx_per_slot, n_ctx_train) if n_ctx_train else ctx_per_slot
+    kv = ctx * slots * n_layer * n_head_kv * (k_len + v_len) * _KV_BYTES_PER_VALUE
+    compute = _UBATCH * (n_vocab + 4 * n_embd) * 2
+    return Estimate(ctx_per_slot=ctx, weights=weights, kv_cache=kv, compute=compute)
+
+
+def _field(reader: gguf.GGUFReader, key: str) -> gguf.ReaderField | None:
+    return reader.fields.get(key)
+
+
+def _str(reader: gguf.GGUFReader, key: str) -> str:
+    field = _field(reader, key)
+    if field is None:
+        raise KeyError(key)
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _int(reader: gguf.GGUFReader, key: str, default: int | None = None) -> int:
+    field = _field(reader, key)
+    if field is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    # Per-layer arrays (head_count_kv on some archs): the largest value bounds every layer.
+    return max(int(field.parts[i][0]) for i in field.data)
+
+
+def machine_memory() -> int:
+    """Physical memory, or the container's cgroup limit when that is lower."""
+    total = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            total = int(line.split()[1]) * 1024
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < total:
+            total = int(raw)
+    return total
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?$", re.IGNORECASE)
+_SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str, whole: int) -> int:
+    """Bytes from "8GiB", "512MB", "1073741824" or a share of ``whole`` such as "75%"."""
+    text = text.strip()
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not 0 < share <= 100:
+            raise ValueError("a percentage must be above 0 and at most 100")
+        return int(whole * share / 100)
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("expected a size such as 8GiB, 512MB, 80% or a number of bytes")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    prefix = unit[:1] if unit[:1] in "kmgt" else ""
+    scale = 1024 ** ("kmgt".index(prefix) + 1) if prefix and "i" in unit else _SCALE[prefix]
+    return int(number * scale)
+
+
+def mib(n: int) -> str:
+    return f"{n / MIB:.0f} MiB"
