@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEFAULT_MODEL := ai/gemma3:270M-Q4_K_M
 
-.PHONY: run install test bench lint format clean
+.PHONY: run install test test-container image bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ run: $(VENV)/.run-deps
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest
+
+# The image end to end with podman (root; installs podman, buildah, debootstrap when missing):
+# build, run with a preload manifest, healthcheck, calls from a second container, SIGTERM.
+test-container: $(VENV)/.test-deps
+	PY=$(BIN)/python tests/container/run.sh
+
+image:
+	docker build -t model-runner:latest .
 
 # Figures, not pass/fail: pull throughput against a plain download of the same blob, and
 # generation throughput/TTFT against in-process llama.cpp and llama-cpp-python's server.

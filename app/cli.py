@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the service (the default command)")
+    sub.add_parser(
+        "check", help="check the environment and the preload manifest, print what they say"
+    )
+    health = sub.add_parser(
+        "healthcheck", help="exit 0 when the local service is ready (for HEALTHCHECK)"
+    )
+    health.add_argument("--live", action="store_true", help="only check that it answers")
 
     ls = sub.add_parser("ls", help="list local models")
     ls.add_argument("--json", action="store_true", help="print DMR's JSON")
@@ -108,6 +115,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings)
     asyncio.run(serve(settings, entries))
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """What the entrypoint runs first: a bad setting fails here, in one line, before serving."""
+    settings = Settings.from_env()
+    entries = manifest.startup_entries(
+        settings.manifest, settings.preload_models, settings.default_registry
+    )
+    print(
+        f"listening on {settings.addr}:{settings.port}"
+        + "".join(f", :{p}" for p in settings.extra_ports)
+        + f"; models in {settings.models_path};"
+        f" memory limit {settings.memory_limit // 2**20} MiB;"
+        f" {len(entries)} model(s) in the preload manifest"
+    )
+    for entry in entries:
+        flags = [f for f in ("preload", "pin") if getattr(entry, f)]
+        print(f"  {entry.model} ({entry.mode}{''.join(', ' + f for f in flags)})")
+    return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    client = ServiceClient(f"http://127.0.0.1:{settings.port}", timeout=5)
+    reply = client.request("GET", "/healthz" if args.live else "/readyz")
+    print(reply.text)
+    return 0 if reply.status == 200 else 1
 
 
 # -- client commands ----------------------------------------------------------------------
@@ -306,6 +340,8 @@ def _store_has(store: ModelStore, ref: str) -> bool:
 
 COMMANDS = {
     "serve": cmd_serve,
+    "check": cmd_check,
+    "healthcheck": cmd_healthcheck,
     "ls": cmd_ls,
     "inspect": cmd_inspect,
     "rm": cmd_rm,

@@ -26,6 +26,9 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     port: int = 12434
+    # More TCP ports on the same address: the image adds 80, so that DMR's documented
+    # http://model-runner.docker.internal/ works unchanged inside a Compose network.
+    extra_ports: tuple[int, ...] = ()
     addr: str = "127.0.0.1"
     sock: Path | None = None
     models_path: Path = Path.home() / ".docker" / "models"
@@ -69,6 +72,7 @@ class Settings:
         sock = _get(env, "MODEL_RUNNER_SOCK")
         return cls(
             port=_port(env, "MODEL_RUNNER_PORT", cls.port),
+            extra_ports=_ports(env, "MODEL_RUNNER_EXTRA_PORTS"),
             addr=_get(env, "MODEL_RUNNER_ADDR") or cls.addr,
             sock=Path(sock).expanduser() if sock else None,
             models_path=_path(env, "MODELS_PATH", cls.models_path),
@@ -110,6 +114,11 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise SettingsError(f"{name}={raw!r}: expected a TCP port number between 1 and 65535")
     return int(raw)
+
+
+def _ports(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    items = [p.strip() for p in _get(env, name).split(",") if p.strip()]
+    return tuple(_port({name: p}, name, 0) for p in items)
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:

@@ -483,7 +483,7 @@ def test_no_orphan_runner_after_the_service_is_killed(start: Callable[..., Serve
 def test_shipped_example_manifest_is_valid():
     entries = manifest.load(REPO / "examples" / "models.yaml", "docker.io")
     assert [(e.model, e.mode, e.preload, e.pin) for e in entries] == [
-        ("ai/gemma3:270M-Q4_K_M", "completion", True, True),
-        ("ai/embeddinggemma", "embedding", False, False),
+        ("ai/smollm2", "completion", True, True),
+        ("ai/mxbai-embed-large", "embedding", False, False),
     ]
     assert entries[0].config.keep_alive == "-1" and entries[0].config.context_size == 4096

@@ -170,9 +170,15 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
     try:
         for site in sites:
             await site.start()
+        for port in settings.extra_ports:
+            try:
+                await web.TCPSite(runner, settings.addr, port).start()
+            except OSError as exc:  # the main port works; say why this one does not
+                log.warning("extra port unavailable", port=port, error=str(exc))
         log.info(
             "listening",
             tcp=f"{settings.addr}:{settings.port}",
+            extra_ports=list(settings.extra_ports) or None,
             unix=str(settings.sock) if settings.sock else None,
             models_path=str(settings.models_path),
             version=__version__,

@@ -1,33 +1,56 @@
 """``python -m app.runner.probe``: what this llama.cpp build can use, as one JSON line.
 
 The front does not link llama.cpp (a crash there must not take the service down), so it asks
-a short-lived child process instead.
+a short-lived child process instead. A GPU build on a machine without a GPU reports CPU: the
+answer is the devices ggml finds, not the build's flags.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
+from pathlib import Path
+
+_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "ACCEL", 3: "IGPU"}
 
 
 def describe() -> dict[str, object]:
     try:
         import llama_cpp as L
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # OSError: a GPU build missing its driver libraries
         return {"installed": False, "error": str(exc)}
     L.llama_backend_init()
-    info = L.llama_print_system_info().decode("utf-8", "replace")
-    # "CPU : AVX2 = 1 | ... CUDA : ARCHS = 890 | ..." : each backend's name opens a section.
-    backends = [part.split(":")[0].strip() for part in info.split("|") if " : " in part]
-    gpu = bool(L.llama_supports_gpu_offload())
-    accelerators = [b for b in backends if b != "CPU"]
+    devices = _devices(Path(L.__file__).parent / "lib")
+    gpus = [name for name, kind in devices if kind in ("GPU", "IGPU")]
     return {
         "installed": True,
         "version": L.__version__,
-        "gpu_offload": gpu,
-        "device": f"GPU ({', '.join(accelerators) or 'offload'})" if gpu else "CPU",
-        "backends": backends,
+        "gpu_offload": bool(L.llama_supports_gpu_offload()) and bool(gpus),
+        "device": f"GPU ({', '.join(gpus)})" if gpus else "CPU",
+        "devices": [{"name": name, "type": kind} for name, kind in devices],
     }
+
+
+def _devices(lib_dir: Path) -> list[tuple[str, str]]:
+    candidates = [lib_dir / "libggml.so", lib_dir / "libggml.dylib"]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        return []
+    ggml = ctypes.CDLL(str(path))
+    ggml.ggml_backend_load_all()  # builds with loadable backends (GGML_BACKEND_DL) need this
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
+    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        kind = _DEVICE_TYPES.get(ggml.ggml_backend_dev_type(dev), "OTHER")
+        found.append((ggml.ggml_backend_dev_name(dev).decode("utf-8", "replace"), kind))
+    return found
 
 
 if __name__ == "__main__":

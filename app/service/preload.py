@@ -102,7 +102,8 @@ class Preloader:
         assert entry.gguf is not None
         try:
             built = artifact.build(entry.gguf)
-            artifact.write_to_store(built, self.store, entry.model)
+            tag = str(self.store.parse_reference(entry.model))  # the canonical spelling
+            artifact.write_to_store(built, self.store, tag)
         except (GGUFError, OSError, ValueError) as exc:
             raise errors.ServiceError(f"cannot import {entry.gguf}: {exc}") from None
 
