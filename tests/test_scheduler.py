@@ -3,6 +3,7 @@ the /engines control routes, the preload manifest with /readyz, and shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from app.client import ClientError
 from app.scheduler import manifest
 from tests.conftest import REPO, Server
 from tests.netutil import free_port
@@ -39,9 +41,11 @@ def new_server(root: Path, **env: str) -> Server:
 
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
-    """Three distinct tiny models (different weights, so different IDs)."""
+    """Three distinct tiny models (different weights, so different IDs). A long training context
+    lets a stream run for seconds (4096 tokens per slot by default), so tests can act mid-stream."""
     return {
-        name: write_tiny_gguf(tmp_path / f"{name}.gguf", seed=i) for i, name in enumerate("abc")
+        name: write_tiny_gguf(tmp_path / f"{name}.gguf", seed=i, ctx=32768)
+        for i, name in enumerate("abc")
     }
 
 
@@ -104,7 +108,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 20) -> Any:
 class Stream:
     """A streaming completion read line by line from a thread-free HTTP connection."""
 
-    def __init__(self, srv: Server, model: str, max_tokens: int = 1500) -> None:
+    def __init__(self, srv: Server, model: str, max_tokens: int = 4000) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
         body = {"model": model, "prompt": "once", "max_tokens": max_tokens, "stream": True}
         self.conn.request("POST", "/v1/completions", json.dumps(body), JSON)
@@ -280,6 +284,7 @@ def test_configure_then_ps(start: Callable[..., Server]):
         ({"model": "a", "runtime-flags": ["--log-file", "x"]}, 400, 'runtime flag "--log-file"'),
         ({"model": "a", "runtime-flags": ["--threads", "/etc"]}, 400, "may not contain a path"),
         ({"model": "a", "keep_alive": "soon"}, 400, "keep_alive 'soon'"),
+        ({"model": "a", "keep_alive": "inf"}, 400, "expected a finite duration"),
         ({"model": "a", "context-size": "big"}, 400, "context-size must be a whole number"),
         ({"model": "a", "mode": "image-generation"}, 400, "mode 'image-generation'"),
         ({"model": "nope"}, 404, "model not found"),
@@ -314,6 +319,7 @@ def test_unload_spares_busy_runners(start: Callable[..., Server]):
     assert set(ps(srv)) == {"c"}  # busy: left alone
     assert finish_reason(stream.rest()) == "length"
     assert call(srv, "POST", "/engines/unload", {"models": ["nope"]})[0] == 404
+    assert call(srv, "POST", "/engines/unload", {"all": "false"})[0] == 400
 
 
 def test_status_and_df(start: Callable[..., Server]):
@@ -455,18 +461,57 @@ def test_models_env_preloads_a_list(tmp_path: Path, models: dict[str, Path]):
 
 
 # -- shutdown -----------------------------------------------------------------------------
+def refused(srv: Server) -> bool:
+    try:
+        srv.tcp.request("GET", "/")
+    except ClientError:
+        return True
+    return False
+
+
+def long_stream(srv: Server, model: str, tokens: int) -> Stream:
+    """A stream of ``tokens`` tokens (seconds of work), already under way."""
+    body = {"model": model, "context-size": tokens + 64}
+    assert call(srv, "POST", "/engines/_configure", body)[0] == 202
+    wait_for("the new context", lambda: ps(srv).get(model, {}).get("context_size") == tokens + 64)
+    stream = Stream(srv, model, tokens)
+    assert stream.status == 200 and stream.first().startswith("data: ")
+    return stream
+
+
 def test_sigterm_lets_streams_finish_then_exits_zero(start: Callable[..., Server]):
-    srv = start()
+    srv = start(MODEL_RUNNER_SHUTDOWN_TIMEOUT="60s")
     assert chat(srv, "b") == 200
-    stream = Stream(srv, "a", 600)
-    assert stream.first().startswith("data: ")
+    stream = long_stream(srv, "a", 8000)
     pids = [row["pid"] for row in ps(srv).values()]
     assert srv.proc is not None
     srv.proc.send_signal(signal.SIGTERM)
+    wait_for("the listener to close", lambda: refused(srv))  # no new requests
     rest = stream.rest()
     assert finish_reason(rest) == "length" and rest.rstrip().endswith("data: [DONE]")
     assert srv.proc.wait(timeout=30) == 0
     assert not any(alive(pid) for pid in pids)
+
+
+def test_shutdown_timeout_bounds_the_wait_for_streams(start: Callable[..., Server]):
+    srv = start(MODEL_RUNNER_SHUTDOWN_TIMEOUT="1s")
+    stream = long_stream(srv, "a", 30000)  # ~10 s of generation
+    assert srv.proc is not None
+    began = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=30) == 0
+    assert time.monotonic() - began < 8
+    with contextlib.suppress(http.client.HTTPException, OSError):
+        assert "data: [DONE]" not in stream.rest()  # cut short, not completed
+
+
+def test_concurrent_first_requests_share_one_load(start: Callable[..., Server]):
+    srv = start()
+    threads = [in_background(lambda: chat(srv, "a")) for _ in range(4)]
+    for thread, _ in threads:
+        thread.join(60)
+    assert [result for _, result in threads] == [[200]] * 4
+    assert srv.log().count("runner ready") == 1
 
 
 def test_no_orphan_runner_after_the_service_is_killed(start: Callable[..., Server]):

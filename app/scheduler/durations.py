@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -24,7 +25,7 @@ def parse_keep_alive(value: object) -> float | None:
     if isinstance(value, bool):
         raise DurationError(f"keep_alive {value!r}: expected a duration such as 5m, 0 or -1")
     if isinstance(value, int | float):
-        return None if value < 0 else float(value)
+        return _finite(float(value), value)
     if not isinstance(value, str) or not value.strip():
         raise DurationError(f"keep_alive {value!r}: expected a duration such as 5m, 0 or -1")
     text = value.strip()
@@ -33,15 +34,21 @@ def parse_keep_alive(value: object) -> float | None:
     except ValueError:
         pass
     else:
-        return None if number < 0 else number
+        return _finite(number, value)
     sign, body = (-1, text[1:]) if text[:1] == "-" else (1, text.removeprefix("+"))
     parts = _PART.findall(body)
     if not parts or "".join(n + u for n, u in parts) != body:
         raise DurationError(
             f"keep_alive {value!r}: expected a duration such as 30s, 5m or 1h, 0, or -1 (never)"
         )
-    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    return None if sign < 0 and seconds > 0 else seconds
+    seconds = _finite(sum(float(n) * _UNITS[u] for n, u in parts), value)
+    return None if sign < 0 and seconds else seconds
+
+
+def _finite(number: float, value: object) -> float | None:
+    if not math.isfinite(number):
+        raise DurationError(f"keep_alive {value!r}: expected a finite duration; -1 means never")
+    return None if number < 0 else number
 
 
 def format_keep_alive(seconds: float | None) -> str:

@@ -21,9 +21,10 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -40,6 +41,8 @@ log = get_logger("runners")
 READY_TIMEOUT_S = 300
 DEFAULT_CTX_SIZE = 4096
 STOP_TIMEOUT_S = 10
+# How long a load waits for a busy runner to finish its requests before giving up with 503.
+DRAIN_TIMEOUT_S = 60
 RETRY_AFTER_S = 2
 _STDERR_LINES = 20
 
@@ -74,7 +77,7 @@ class Plan:
     pinned: bool
 
 
-@dataclass
+@dataclass(eq=False)  # identity: runners live in sets
 class Runner:
     key: Key
     plan: Plan
@@ -88,6 +91,7 @@ class Runner:
     draining: bool = False
     expiry: asyncio.TimerHandle | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -119,6 +123,7 @@ class Runner:
         if self.reader:
             await asyncio.gather(self.reader, return_exceptions=True)
         self.socket.unlink(missing_ok=True)
+        self.stopped.set()
 
 
 @dataclass
@@ -140,8 +145,9 @@ class RunnerManager:
         self.config_names: dict[Key, str] = {}
         self.pinned: set[str] = set()
         self._wanted: Counter[Key] = Counter()  # requests waiting for a runner to load
+        self._stopping: set[Runner] = set()  # still holding their memory until they exit
         self._admission = asyncio.Lock()
-        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._dir = Path(tempfile.mkdtemp(prefix="model-runner-"))
         self._serial = 0
@@ -199,18 +205,18 @@ class RunnerManager:
                     exit_code=runner.proc.returncode,
                 )
                 await self._stop(runner)
-            if runner is not None:  # draining: wait until it is gone, then load it again
+            if runner is not None:  # draining: it is kept (requests wait) or stopped and reloaded
                 await runner.idle.wait()
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.01)
                 continue
             loading = self.loading.get(key)
             if loading is None:
                 plan = await self._plan(entry, mode, name)
-                loading = self.loading.get(key)  # another request may have begun meanwhile
-                if loading is None:
-                    task = asyncio.create_task(self._load(key, plan))
-                    loading = self.loading[key] = Loading(plan, task)
-                    task.add_done_callback(lambda t: self._loaded(key, t))
+                if key in self.runners or key in self.loading:
+                    continue  # another request loaded it, or began to, while this one planned
+                task = asyncio.create_task(self._load(key, plan))
+                loading = self.loading[key] = Loading(plan, task)
+                task.add_done_callback(lambda t: self._loaded(key, t))
             return await asyncio.shield(loading.task)
 
     def _loaded(self, key: Key, task: asyncio.Task[Runner]) -> None:
@@ -228,8 +234,6 @@ class RunnerManager:
         if runner.in_use > 0:
             return
         runner.idle.set()
-        async with self._changed:
-            self._changed.notify_all()
         if not runner.draining:
             self._schedule_expiry(runner)
 
@@ -239,9 +243,14 @@ class RunnerManager:
         loop = asyncio.get_running_loop()
         runner.expiry = loop.call_later(
             runner.plan.keep_alive,
-            lambda: loop.create_task(self._expire(runner)),
+            lambda: self._background(self._expire(runner)),
             context=contextvars.Context(),  # the expiry belongs to no request
         )
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _expire(self, runner: Runner) -> None:
         if self.runners.get(runner.key) is runner and not runner.in_use:
@@ -260,10 +269,10 @@ class RunnerManager:
         ctx = config.context_size or min(
             int(bundle.config.get("context_size") or DEFAULT_CTX_SIZE), DEFAULT_CTX_SIZE
         )
-        parallel = config.parallel or self.defaults.parallel
-        slots = parallel if mode == "completion" else 1
+        # An embedding runner computes one input at a time.
+        parallel = (config.parallel or self.defaults.parallel) if mode == "completion" else 1
         try:
-            est = await asyncio.to_thread(memory.estimate, bundle.shards, ctx, slots)
+            est = await asyncio.to_thread(memory.estimate, bundle.shards, ctx, parallel)
         except memory.EstimateError as exc:
             raise RunnerFailed(str(exc)) from None
         gpu_layers = config.gpu_layers
@@ -303,11 +312,15 @@ class RunnerManager:
             others = sum(
                 lo.plan.estimate.total for k, lo in self.loading.items() if lo.admitted and k != key
             )
-            used = others + sum(r.plan.estimate.total for r in self.runners.values())
+            stopping = sum(r.plan.estimate.total for r in self._stopping)
+            used = others + stopping + sum(r.plan.estimate.total for r in self.runners.values())
             if used + need <= limit:
                 return
+            if used - stopping + need <= limit:  # it fits once those runners have exited
+                await asyncio.gather(*(r.stopped.wait() for r in list(self._stopping)))
+                continue
             movable = [r for r in self.runners.values() if self._evictable(r)]
-            stuck = used - sum(r.plan.estimate.total for r in movable)
+            stuck = used - stopping - sum(r.plan.estimate.total for r in movable)
             if stuck + need > limit:
                 held = ", ".join(
                     f"{r.name} {memory.mib(r.plan.estimate.total)}"
@@ -324,17 +337,33 @@ class RunnerManager:
                 )
             victim = min(movable, key=lambda r: (r.in_use > 0, r.last_used))
             if victim.in_use:
-                victim.draining = True
-                log.info(
-                    "draining runner to make room",
-                    model=victim.name,
-                    in_flight=victim.in_use,
-                    for_model=plan.name,
-                )
-                await victim.idle.wait()
+                if not await self._drain(victim, plan):
+                    continue  # requests came for it meanwhile: it stays
             else:
                 log.info("stopping idle runner for room", model=victim.name, for_model=plan.name)
             await self._stop(victim)
+
+    async def _drain(self, victim: Runner, plan: Plan) -> bool:
+        """Let a busy runner finish its requests, taking no new ones; False if some now wait."""
+        victim.draining = True
+        log.info(
+            "draining runner to make room",
+            model=victim.name,
+            in_flight=victim.in_use,
+            for_model=plan.name,
+        )
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await victim.idle.wait()
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"cannot load {plan.name}: {victim.name} is still serving requests after "
+                f"{DRAIN_TIMEOUT_S} s and there is no memory for both; retry later",
+                retry_after=RETRY_AFTER_S,
+            ) from None
+        finally:
+            victim.draining = False
+        return not self._wanted[victim.key]
 
     def _evictable(self, runner: Runner) -> bool:
         """Not pinned, and no request waiting for it: a model in demand is not swapped out."""
@@ -407,13 +436,21 @@ class RunnerManager:
         raise RunnerFailed("the runner took too long to load the model")
 
     # -- control -------------------------------------------------------------------------
-    async def _stop(self, runner: Runner) -> None:
+    def _detach(self, runner: Runner) -> None:
+        """No request can get this runner from now on (it is about to stop)."""
         if self.runners.get(runner.key) is runner:
             del self.runners[runner.key]
-        await runner.stop()
+        if runner.expiry is not None:
+            runner.expiry.cancel()
+
+    async def _stop(self, runner: Runner) -> None:
+        self._detach(runner)
+        self._stopping.add(runner)
+        try:
+            await runner.stop()
+        finally:
+            self._stopping.discard(runner)
         log.info("runner stopped", model=runner.name, mode=runner.key[1])
-        async with self._changed:
-            self._changed.notify_all()
 
     async def unload(self, model_ids: set[str] | None) -> int:
         """Stop idle runners of these models (all when None); busy ones are left alone."""
@@ -422,6 +459,8 @@ class RunnerManager:
             for r in list(self.runners.values())
             if not r.in_use and (model_ids is None or r.key[0] in model_ids)
         ]
+        for runner in idle:  # now, before any await lets a request take one
+            self._detach(runner)
         for key in [k for k in self.configs if model_ids is None or k[0] in model_ids]:
             del self.configs[key]
         await asyncio.gather(*(self._stop(r) for r in idle))
@@ -443,8 +482,10 @@ class RunnerManager:
     async def close(self, drain_s: float) -> None:
         """Refuse new loads, give requests in flight ``drain_s`` to finish, stop everything."""
         self._closing = True
-        for loading in list(self.loading.values()):
-            loading.task.cancel()
+        loads = [loading.task for loading in self.loading.values()]
+        for task in [*loads, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*loads, *self._tasks, return_exceptions=True)
         busy = [r.idle.wait() for r in self.runners.values() if r.in_use]
         if busy:
             with contextlib.suppress(TimeoutError):

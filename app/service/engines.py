@@ -109,7 +109,7 @@ class EnginesService:
         row.update(
             memory_estimate=plan.estimate.total,
             context_size=plan.estimate.ctx_per_slot,
-            parallel=plan.parallel if mode == "completion" else 1,
+            parallel=plan.parallel,
             pinned=plan.pinned,
         )
         return row
@@ -133,7 +133,10 @@ class EnginesService:
         backend = doc.get("backend") or BACKEND
         if backend not in BACKENDS:
             raise errors.NotFound("backend not found")
-        if doc.get("all"):
+        everything = doc.get("all", False)
+        if not isinstance(everything, bool):
+            raise errors.BadRequest("all must be true or false")
+        if everything:
             return await self.runners.unload(None)
         models = doc.get("models") or []
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
@@ -169,6 +172,8 @@ class EnginesService:
                     pass
         except (errors.ServiceError, TimeoutError) as exc:
             log.warning("preload after _configure failed", model=model, error=str(exc) or "timeout")
+        except Exception:  # a background task: nobody else would see it
+            log.exception("preload after _configure failed", model=model)
 
     def configs(self, model: str | None) -> list[dict[str, Any]]:
         wanted = None

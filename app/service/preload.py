@@ -7,18 +7,20 @@ in the store and every ``preload: true`` entry has a runner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from app import errors
+from app.distribution import reference
 from app.logging import get_logger
 from app.packaging import artifact
 from app.packaging.gguf_config import GGUFError
 from app.scheduler.manifest import ModelEntry
 from app.service.distribution import DistributionService
 from app.service.inference import InferenceService
-from app.store import ModelNotFound, ModelStore
+from app.store import IndexEntry, ModelNotFound, ModelStore
 
 log = get_logger("preload")
 _LOG_EVERY_S = 5.0
@@ -65,6 +67,11 @@ class Preloader:
         return all(s.state == "ready" for s in self.states)
 
     async def run(self) -> None:
+        # Settings and pins of the models already stored apply at once, not only once the
+        # entries before them are pulled: requests may come in meanwhile.
+        for entry in self.entries:
+            with contextlib.suppress(ModelNotFound, reference.InvalidReference):
+                self._register(entry, await asyncio.to_thread(self.store.resolve, entry.model))
         for entry, state in zip(self.entries, self.states, strict=True):
             try:
                 await self._prepare(entry, state)
@@ -86,17 +93,19 @@ class Preloader:
                 state.state = "pulling"
                 await self._pull(entry, state)
             stored = await self.inference.resolve(entry.model)
-        key = (stored.id, entry.mode)
-        runners = self.inference.runners
-        runners.base_configs[key] = entry.config
-        if entry.pin:
-            runners.pinned.add(stored.id)
+        self._register(entry, stored)
         if entry.preload:
             state.state = "loading"
             log.info("preloading model", model=entry.model, mode=entry.mode)
             async with self.inference.runner(stored, entry.mode, entry.model):
                 state.loaded = True
         state.state = "ready"
+
+    def _register(self, entry: ModelEntry, stored: IndexEntry) -> None:
+        runners = self.inference.runners
+        runners.base_configs[(stored.id, entry.mode)] = entry.config
+        if entry.pin:
+            runners.pinned.add(stored.id)
 
     def _import(self, entry: ModelEntry) -> None:
         assert entry.gguf is not None
