@@ -129,4 +129,45 @@ echo "stopped in ${took}s with exit code $code"
 podman logs "$NAME" 2>&1 | grep -q "shutting down"
 [ "$code" = 0 ]
 (($(echo "$took < 10" | bc)))
+
+step "compose.yaml: up, healthy, called by its alias from the project's network, down"
+# docker-compose speaks to podman's Docker-compatible API.
+sock="$WORK/podman.sock"
+podman system service --time=0 "unix://$sock" >"$WORK/podman-service.log" 2>&1 &
+service_pid=$!
+for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+podman tag "$IMAGE" localhost/model-runner:latest
+volume_existed=$(podman volume exists docker-model-runner-models && echo yes || true)
+cat >"$WORK/compose.override.yaml" <<YAML
+services:
+  model-runner:
+    environment:
+      MODEL_RUNNER_MANIFEST: /seed/models.yaml
+    volumes:
+      - $seed:/seed:ro
+YAML
+compose() {
+    DOCKER_HOST="unix://$sock" MODEL_RUNNER_PUBLISH="127.0.0.1:$port" \
+        docker-compose -p model-runner-ci -f compose.yaml \
+        -f "$WORK/compose.override.yaml" "$@"
+}
+compose_down() {
+    compose down >/dev/null 2>&1 || true
+    [ -n "$volume_existed" ] || podman volume rm -f docker-model-runner-models >/dev/null 2>&1 || true
+    kill "$service_pid" 2>/dev/null || true
+}
+trap 'compose_down; cleanup' EXIT
+compose up -d --no-build
+cid=$(compose ps -q model-runner)
+healthy=""
+for _ in $(seq 60); do
+    if podman healthcheck run "$cid" >/dev/null 2>&1; then healthy=yes; break; fi
+    sleep 1
+done
+[ -n "$healthy" ] || { podman logs "$cid" 2>&1 | tail -20; echo "compose service never healthy"; exit 1; }
+compose ps
+podman run --rm --network model-runner-ci_default \
+    -v "$PWD/tests/container/client.py:/client.py:ro" --entrypoint python "$IMAGE" \
+    /client.py ci/tiny:v1
+compose down
 echo "container test passed"
