@@ -44,7 +44,9 @@ LABEL org.opencontainers.image.title="model-runner" \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 tini \
     && rm -rf /var/lib/apt/lists/*
-RUN useradd --system --uid 10001 --create-home --home-dir /home/model-runner model-runner \
+RUN groupadd --system --gid 10001 model-runner \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/model-runner \
+        model-runner \
     && mkdir -p /models \
     && chown model-runner:model-runner /models
 COPY --from=installer /opt/model-runner /opt/model-runner

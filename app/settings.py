@@ -56,8 +56,9 @@ class Settings:
     )
     # Requests waiting for a runner's slots beyond which new ones get 503 at once.
     max_queue: int = 64
-    # Seconds requests in flight get to finish after SIGTERM: under `docker stop`'s 10 s grace.
-    shutdown_timeout: float = 8.0
+    # Seconds requests in flight get to finish after SIGTERM: with the runners' 1.5 s to exit,
+    # under `docker stop`'s 10 s grace.
+    shutdown_timeout: float = 7.0
     # The preload manifest (YAML) and/or a comma-separated list of references to preload.
     manifest: Path | None = None
     preload_models: tuple[str, ...] = ()
@@ -193,7 +194,9 @@ def _manifest(env: Mapping[str, str], name: str) -> Path | None:
     if not raw:
         return None
     path = Path(raw).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        raise SettingsError(f"{name}={raw!r}: is a directory; name the YAML file in it")
+    if not path.exists():  # /dev/null is fine: an empty manifest
         raise SettingsError(f"{name}={raw!r}: no such file")
     return path
 

@@ -65,6 +65,8 @@ def test_values_from_env(tmp_path: Path):
         ("MODEL_RUNNER_GPU_LAYERS", "most"),
         ("MODEL_RUNNER_SHUTDOWN_TIMEOUT", "-1"),
         ("MODEL_RUNNER_MANIFEST", "/no/such/models.yaml"),
+        ("MODEL_RUNNER_MANIFEST", "/tmp"),
+        ("MODEL_RUNNER_MEMORY_LIMIT", "x%"),
     ],
 )
 def test_bad_value_names_the_variable(var: str, value: str):
@@ -74,7 +76,7 @@ def test_bad_value_names_the_variable(var: str, value: str):
 
 def test_scheduler_settings():
     s = Settings.from_env({})
-    assert (s.keep_alive, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (300, 64, None, 8)
+    assert (s.keep_alive, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (300, 64, None, 7)
     assert 0 < s.memory_limit < memory.machine_memory()
     s = Settings.from_env(
         {
@@ -94,6 +96,9 @@ def test_scheduler_settings():
         60,
     )
     assert s.preload_models == ("ai/a", "ai/b")
+    # Binary units, as Docker's --memory.
+    for text in ("8g", "8G", "8GB", "8GiB", str(8 * 1024**3)):
+        assert Settings.from_env({"MODEL_RUNNER_MEMORY_LIMIT": text}).memory_limit == 8 * 1024**3
     assert Settings.from_env({"MODEL_RUNNER_MEMORY_LIMIT": "50%"}).memory_limit == (
         memory.machine_memory() // 2
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,9 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         return response
+    except asyncio.CancelledError:
+        status = 499  # nginx's "client closed request": the client left (or shutdown cut it)
+        raise
     finally:
         log.info(
             "request",

@@ -120,7 +120,7 @@ def create_app(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await service.close()
-        await manager.close(settings.shutdown_timeout)
+        await manager.close()
 
     app.cleanup_ctx.append(runners)
     for method, path, handler in _routes():
@@ -170,15 +170,18 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
     try:
         for site in sites:
             await site.start()
+        extra_ports = []
         for port in settings.extra_ports:
             try:
                 await web.TCPSite(runner, settings.addr, port).start()
             except OSError as exc:  # the main port works; say why this one does not
                 log.warning("extra port unavailable", port=port, error=str(exc))
+            else:
+                extra_ports.append(port)
         log.info(
             "listening",
             tcp=f"{settings.addr}:{settings.port}",
-            extra_ports=list(settings.extra_ports) or None,
+            extra_ports=extra_ports or None,
             unix=str(settings.sock) if settings.sock else None,
             models_path=str(settings.models_path),
             version=__version__,

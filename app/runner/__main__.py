@@ -86,7 +86,8 @@ def _gpu_layers(asked: int) -> int:
 
 
 async def _serve(app: web.Application, socket: Path, engine: Engine | None) -> None:
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
+    # The front drains requests before it stops a runner; whatever is left here is cut.
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=1)
     await runner.setup()
     socket.unlink(missing_ok=True)
     await web.UnixSite(runner, str(socket)).start()

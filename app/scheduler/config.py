@@ -8,7 +8,7 @@ silently ignored.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from app.scheduler.durations import DurationError, format_keep_alive, parse_keep_alive
@@ -62,6 +62,9 @@ class RunnerConfig:
 
 def from_request(doc: dict[str, Any]) -> tuple[str, RunnerConfig]:
     """The mode and config a ``_configure`` body (spec 5.4) asks for."""
+    for key, what in (("speculative", "speculative decoding"), ("llamacpp", "llamacpp options")):
+        if doc.get(key):
+            raise ConfigError(f"{key}: {what} is not supported by this runner")
     flags = _flags(doc)
     config = apply_flags(RunnerConfig(runtime_flags=tuple(flags)), flags)
     mode = doc.get("mode")
@@ -78,6 +81,17 @@ def from_request(doc: dict[str, Any]) -> tuple[str, RunnerConfig]:
     if doc.get("keep_alive") is not None:
         fields["keep_alive"] = checked_keep_alive(doc["keep_alive"])
     return mode, replace(config, **fields)
+
+
+def layered(base: RunnerConfig | None, top: RunnerConfig) -> RunnerConfig:
+    """``top`` over ``base``: a _configure that sets only keep_alive keeps the manifest's
+    context size."""
+    if base is None:
+        return top
+    changes = {
+        f.name: getattr(top, f.name) for f in fields(top) if getattr(top, f.name) not in (None, ())
+    }
+    return replace(base, **changes)
 
 
 def checked_keep_alive(value: object) -> str:

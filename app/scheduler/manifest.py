@@ -104,13 +104,19 @@ def _entry(path: Path, node: yaml.Node, index: int, default_registry: str) -> Mo
     nodes: dict[str, yaml.Node] = {}
     for key_node, value_node in node.value:
         key = key_node.value
+        if key in values:
+            raise _error(path, key_node, f"{where}: {key} is given twice")
         if key not in _FIELDS:
             raise _error(
                 path,
                 key_node,
                 f"{where}: unknown key {key!r}; expected one of {', '.join(_FIELDS)}",
             )
-        values[key] = _construct(value_node)
+        try:
+            values[key] = _construct(value_node)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise _error(path, value_node, f"{where}.{key}: {problem}") from None
         nodes[key] = value_node
     try:
         return _build(values, nodes, where, path, node, default_registry)
@@ -120,7 +126,10 @@ def _entry(path: Path, node: yaml.Node, index: int, default_registry: str) -> Mo
 
 def _construct(node: yaml.Node) -> Any:
     """A node's Python value, with the same rules as yaml.safe_load."""
-    return yaml.SafeLoader("").construct_object(node, deep=True)
+    try:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+    except (ValueError, TypeError) as exc:  # e.g. `!!int abc`
+        raise yaml.YAMLError(f"cannot read the value: {exc}") from None
 
 
 def _build(

@@ -7,12 +7,11 @@ allocations often take less): admission must not let the machine swap or OOM-kil
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
+from app.scheduler import gguf_header
 
 MIB = 1024 * 1024
 # Python, aiohttp, numpy and llama.cpp's own buffers in an idle runner (measured: ~65 MiB).
@@ -43,19 +42,34 @@ class EstimateError(Exception):
 def estimate(shards: Sequence[Path], ctx_per_slot: int, slots: int) -> Estimate:
     """Memory for a runner with ``slots`` sequences of ``ctx_per_slot`` tokens each."""
     try:
-        reader = gguf.GGUFReader(str(shards[0]))
+        arch = gguf_header.read_metadata(shards[0], {"general.architecture"})[
+            "general.architecture"
+        ]
+        keys = {
+            f"{arch}.{k}"
+            for k in (
+                "block_count",
+                "attention.head_count",
+                "embedding_length",
+                "attention.head_count_kv",
+                "attention.key_length",
+                "attention.value_length",
+                "context_length",
+            )
+        }
+        meta = gguf_header.read_metadata(shards[0], keys | {"tokenizer.ggml.tokens"})
         weights = sum(p.stat().st_size for p in shards)
-        arch = _str(reader, "general.architecture")
-        n_layer = _int(reader, f"{arch}.block_count")
-        n_head = _int(reader, f"{arch}.attention.head_count")
-        n_embd = _int(reader, f"{arch}.embedding_length")
-        n_head_kv = _int(reader, f"{arch}.attention.head_count_kv", n_head)
+        n_layer = int(meta[f"{arch}.block_count"])
+        n_head = _widest(meta[f"{arch}.attention.head_count"])
+        n_embd = int(meta[f"{arch}.embedding_length"])
+        # Some architectures give head_count_kv per layer: the widest layer bounds them all.
+        n_head_kv = _widest(meta.get(f"{arch}.attention.head_count_kv", n_head))
         head_dim = n_embd // max(n_head, 1)
-        k_len = _int(reader, f"{arch}.attention.key_length", head_dim)
-        v_len = _int(reader, f"{arch}.attention.value_length", head_dim)
-        n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-        n_ctx_train = _int(reader, f"{arch}.context_length", 0)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+        k_len = int(meta.get(f"{arch}.attention.key_length", head_dim))
+        v_len = int(meta.get(f"{arch}.attention.value_length", head_dim))
+        n_vocab = int(meta["tokenizer.ggml.tokens"])
+        n_ctx_train = int(meta.get(f"{arch}.context_length", 0))
+    except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise EstimateError(
             f"failed to load model: {shards[0].name} is not a usable GGUF ({exc})"
         ) from exc
@@ -65,25 +79,8 @@ def estimate(shards: Sequence[Path], ctx_per_slot: int, slots: int) -> Estimate:
     return Estimate(ctx_per_slot=ctx, weights=weights, kv_cache=kv, compute=compute)
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> gguf.ReaderField | None:
-    return reader.fields.get(key)
-
-
-def _str(reader: gguf.GGUFReader, key: str) -> str:
-    field = _field(reader, key)
-    if field is None:
-        raise KeyError(key)
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
-
-
-def _int(reader: gguf.GGUFReader, key: str, default: int | None = None) -> int:
-    field = _field(reader, key)
-    if field is None:
-        if default is None:
-            raise KeyError(key)
-        return default
-    # Per-layer arrays (head_count_kv on some archs): the largest value bounds every layer.
-    return max(int(field.parts[i][0]) for i in field.data)
+def _widest(value: int | list[int]) -> int:
+    return max(value) if isinstance(value, list) else int(value)
 
 
 def machine_memory() -> int:
@@ -102,25 +99,28 @@ def machine_memory() -> int:
     return total
 
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?$", re.IGNORECASE)
-_SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 
 
 def parse_size(text: str, whole: int) -> int:
-    """Bytes from "8GiB", "512MB", "1073741824" or a share of ``whole`` such as "75%"."""
+    """Bytes from "8g", "8GiB", "512MB", "1073741824" or a share of ``whole`` ("75%").
+
+    Units are binary, as in Docker's ``--memory``: 8g and 8GB both mean 8 GiB.
+    """
     text = text.strip()
     if text.endswith("%"):
-        share = float(text[:-1])
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ValueError("expected a percentage such as 80%") from None
         if not 0 < share <= 100:
             raise ValueError("a percentage must be above 0 and at most 100")
         return int(whole * share / 100)
     match = _SIZE.match(text)
     if not match:
-        raise ValueError("expected a size such as 8GiB, 512MB, 80% or a number of bytes")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    prefix = unit[:1] if unit[:1] in "kmgt" else ""
-    scale = 1024 ** ("kmgt".index(prefix) + 1) if prefix and "i" in unit else _SCALE[prefix]
-    return int(number * scale)
+        raise ValueError("expected a size such as 8g, 8GiB, 512MB, 80% or a number of bytes")
+    number, prefix = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** ("_kmgt".index(prefix) if prefix else 0))
 
 
 def mib(n: int) -> str:

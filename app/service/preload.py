@@ -24,6 +24,8 @@ from app.store import IndexEntry, ModelNotFound, ModelStore
 
 log = get_logger("preload")
 _LOG_EVERY_S = 5.0
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
 
 
 @dataclass
@@ -72,13 +74,23 @@ class Preloader:
         for entry in self.entries:
             with contextlib.suppress(ModelNotFound, reference.InvalidReference):
                 self._register(entry, await asyncio.to_thread(self.store.resolve, entry.model))
-        for entry, state in zip(self.entries, self.states, strict=True):
-            try:
-                await self._prepare(entry, state)
-            except errors.ServiceError as exc:
-                state.state, state.message = "error", str(exc)
-                log.error("preload failed", model=entry.model, error=str(exc))
-        if self.entries and self.ready:
+        pending = list(zip(self.entries, self.states, strict=True))
+        delay = RETRY_FIRST_S
+        while pending:
+            failed = []
+            for entry, state in pending:
+                try:
+                    await self._prepare(entry, state)
+                except errors.ServiceError as exc:
+                    # A registry down at boot must not leave the service unready for good.
+                    state.state, state.message = "error", f"{exc} (next try in {delay:.0f} s)"
+                    log.error("preload failed", model=entry.model, error=str(exc), retry_s=delay)
+                    failed.append((entry, state))
+            if failed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            pending = failed
+        if self.entries:
             log.info("preload done", models=len(self.entries))
 
     async def _prepare(self, entry: ModelEntry, state: ModelState) -> None:
@@ -86,26 +98,26 @@ class Preloader:
             stored = await asyncio.to_thread(self.store.resolve, entry.model)
         except ModelNotFound:
             if entry.gguf is not None:
-                state.state = "importing"
+                state.state, state.message = "importing", None
                 log.info("importing model", model=entry.model, gguf=str(entry.gguf))
                 await asyncio.to_thread(self._import, entry)
             else:
-                state.state = "pulling"
+                state.state, state.message = "pulling", None
                 await self._pull(entry, state)
             stored = await self.inference.resolve(entry.model)
         self._register(entry, stored)
         if entry.preload:
-            state.state = "loading"
+            state.state, state.message = "loading", None
             log.info("preloading model", model=entry.model, mode=entry.mode)
             async with self.inference.runner(stored, entry.mode, entry.model):
                 state.loaded = True
-        state.state = "ready"
+        state.state, state.message = "ready", None
 
     def _register(self, entry: ModelEntry, stored: IndexEntry) -> None:
         runners = self.inference.runners
         runners.base_configs[(stored.id, entry.mode)] = entry.config
         if entry.pin:
-            runners.pinned.add(stored.id)
+            runners.pinned.add((stored.id, entry.mode))
 
     def _import(self, entry: ModelEntry) -> None:
         assert entry.gguf is not None
@@ -114,7 +126,7 @@ class Preloader:
             tag = str(self.store.parse_reference(entry.model))  # the canonical spelling
             artifact.write_to_store(built, self.store, tag)
         except (GGUFError, OSError, ValueError) as exc:
-            raise errors.ServiceError(f"cannot import {entry.gguf}: {exc}") from None
+            raise errors.ServiceError(f"cannot import the manifest's gguf: {exc}") from None
 
     async def _pull(self, entry: ModelEntry, state: ModelState) -> None:
         log.info("pulling model", model=entry.model)

@@ -63,8 +63,11 @@ fi
 step "build"
 # Reuse the llama-cpp-python wheel pip built for the tests (same Debian, same CPU); without
 # one the build compiles llama.cpp (~6 min).
+# That wheel is built for this CPU: fine for this test, not for an image to ship, so it leaves
+# docker/wheels when the build is done.
 find "${PIP_CACHE_DIR:-$HOME/.cache/pip}" -name 'llama_cpp_python-0.3.36-*.whl' \
     -exec cp {} docker/wheels/ \; 2>/dev/null || true
+trap 'rm -f docker/wheels/*.whl' EXIT
 build() {
     podman build --format docker --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         -t "$IMAGE" . >"$WORK/build.log" 2>&1
@@ -83,7 +86,7 @@ cleanup() {
     podman volume rm -f "$NAME-models" >/dev/null 2>&1 || true
     podman network rm -f "$NET" >/dev/null 2>&1 || true
 }
-trap cleanup EXIT
+trap 'cleanup; rm -f docker/wheels/*.whl' EXIT
 cleanup
 seed="$WORK/seed"
 rm -rf "$seed" && mkdir -p "$seed"
@@ -156,7 +159,7 @@ compose_down() {
     [ -n "$volume_existed" ] || podman volume rm -f docker-model-runner-models >/dev/null 2>&1 || true
     kill "$service_pid" 2>/dev/null || true
 }
-trap 'compose_down; cleanup' EXIT
+trap 'compose_down; cleanup; rm -f docker/wheels/*.whl' EXIT
 compose up -d --no-build
 cid=$(compose ps -q model-runner)
 healthy=""
