@@ -42,10 +42,12 @@ image:
 	docker build -t model-runner:latest .
 
 # Figures, not pass/fail: pull throughput against a plain download of the same blob, and
-# generation throughput/TTFT against in-process llama.cpp and llama-cpp-python's server.
+# generation throughput/TTFT against in-process llama.cpp and llama-cpp-python's server, and
+# the scheduler's cold load, swap and reload times.
 bench: $(VENV)/.run-deps $(VENV)/.test-deps
 	$(BIN)/python bench/pull.py --rate-mb 125
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/scheduler.py
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
