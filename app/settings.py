@@ -58,7 +58,7 @@ class Settings:
     max_queue: int = 64
     # Seconds requests in flight get to finish after SIGTERM: with the runners' 1.5 s to exit,
     # under `docker stop`'s 10 s grace.
-    shutdown_timeout: float = 7.0
+    shutdown_timeout: float = 6.0
     # The preload manifest (YAML) and/or a comma-separated list of references to preload.
     manifest: Path | None = None
     preload_models: tuple[str, ...] = ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -50,8 +51,20 @@ def test_per_layer_head_counts_take_the_widest(tmp_path: Path):
     assert est.kv_cache == 100 * 2 * 3 * 4 * 16 * 2
 
 
+HEAD = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)  # version 3, no tensors, one key
+
+
 @pytest.mark.parametrize(
-    "data", [b"", b"GGML", b"GGUF\x07\x00\x00\x00", b"GGUF\x03\x00\x00\x00\x01"]
+    "data",
+    [
+        b"",
+        b"GGML",
+        b"GGUF\x07\x00\x00\x00",
+        b"GGUF\x03\x00\x00\x00\x01",
+        HEAD + struct.pack("<Q", 2**64 - 1),  # a key "longer" than the file
+        HEAD + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 2**40),  # 2^40 strings
+        b"GGUF" + struct.pack(">IQQ", 3, 0, 1),  # big-endian
+    ],
 )
 def test_broken_headers_are_clear_errors(tmp_path: Path, data: bytes):
     path = tmp_path / "bad.gguf"

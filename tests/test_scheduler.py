@@ -433,6 +433,7 @@ def test_manifest_error_keeps_readyz_503_with_the_message(tmp_path: Path):
         ("models:\n  - model: ai/x\n    gguf: missing.gguf\n", ":3: models[0].gguf:"),
         ("models:\n  - model: ai/x\n    context_size: !!int abc\n", ":3: models[0].context_size"),
         ("models:\n  - model: ai/x\n    model: ai/y\n", ":3: models[0]: model is given twice"),
+        ("models:\n  - ? [a]\n    : 1\n", ":2: models[0]: keys must be plain names"),
         ("models:\n  - model: 'Not A Ref'\n", ":2: models[0].model:"),
     ],
 )

@@ -76,7 +76,7 @@ def test_bad_value_names_the_variable(var: str, value: str):
 
 def test_scheduler_settings():
     s = Settings.from_env({})
-    assert (s.keep_alive, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (300, 64, None, 7)
+    assert (s.keep_alive, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (300, 64, None, 6)
     assert 0 < s.memory_limit < memory.machine_memory()
     s = Settings.from_env(
         {

@@ -29,13 +29,17 @@ _VALUE_FLAGS = {
 _SWITCHES = ("--jinja", "--embeddings", "--metrics", "--cont-batching", "-cb")
 
 
+AUTO = 0  # context size: the model's own
+
+
 class ConfigError(ValueError):
     """A configuration the runner cannot honour; the message is for the client."""
 
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    context_size: int | None = None  # tokens per slot; None: the model's, capped at 4096
+    # Tokens per slot; None: not set here; AUTO: the model's own (capped at 4096).
+    context_size: int | None = None
     parallel: int | None = None  # slots; None: MODEL_RUNNER_PARALLEL
     gpu_layers: int | None = None  # None: MODEL_RUNNER_GPU_LAYERS
     threads: int | None = None  # None: MODEL_RUNNER_THREADS
@@ -46,7 +50,7 @@ class RunnerConfig:
         """DMR's BackendConfiguration, plus our own fields."""
         doc: dict[str, Any] = {}
         if self.context_size is not None:
-            doc["context-size"] = self.context_size
+            doc["context-size"] = -1 if self.context_size == AUTO else self.context_size
         if self.runtime_flags:
             doc["runtime-flags"] = list(self.runtime_flags)
         if self.keep_alive is not None:
@@ -106,11 +110,12 @@ def checked_keep_alive(value: object) -> str:
 def positive(
     value: object, name: str, allow_zero: bool = False, allow_auto: bool = False
 ) -> int | None:
-    """A whole number of at least 1 (or 0); -1 means "the model's own" where ``allow_auto``."""
+    """A whole number of at least 1 (or 0); -1 means "the model's own" (AUTO) where
+    ``allow_auto``: set explicitly, so that it overrides a manifest's value."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be a whole number, not {value!r}")
     if allow_auto and value == -1:
-        return None
+        return AUTO
     if value < (0 if allow_zero else 1):
         raise ConfigError(f"{name} must be at least {0 if allow_zero else 1}, not {value}")
     return value

@@ -71,6 +71,8 @@ def load(path: Path, default_registry: str) -> list[ModelEntry]:
         return []
     items = root
     if isinstance(root, yaml.MappingNode):
+        for key_node, _ in root.value:
+            _scalar_key(path, key_node, "the top level")
         keys = {k.value: v for k, v in root.value}
         unknown = set(keys) - {"models"}
         if unknown:
@@ -103,7 +105,7 @@ def _entry(path: Path, node: yaml.Node, index: int, default_registry: str) -> Mo
     values: dict[str, Any] = {}
     nodes: dict[str, yaml.Node] = {}
     for key_node, value_node in node.value:
-        key = key_node.value
+        key = _scalar_key(path, key_node, where)
         if key in values:
             raise _error(path, key_node, f"{where}: {key} is given twice")
         if key not in _FIELDS:
@@ -122,6 +124,12 @@ def _entry(path: Path, node: yaml.Node, index: int, default_registry: str) -> Mo
         return _build(values, nodes, where, path, node, default_registry)
     except ConfigError as exc:
         raise _error(path, node, f"{where}: {exc}") from None
+
+
+def _scalar_key(path: Path, node: yaml.Node, where: str) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise _error(path, node, f"{where}: keys must be plain names")
+    return str(node.value)
 
 
 def _construct(node: yaml.Node) -> Any:

@@ -122,6 +122,9 @@ class Runner:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+            except asyncio.CancelledError:
+                self.proc.kill()  # no time left to wait: never leave it running
+                raise
         await self.session.close()
         if self.reader:
             await asyncio.gather(self.reader, return_exceptions=True)
@@ -410,7 +413,7 @@ class RunnerManager:
         try:
             await self._wait_ready(runner)
         except BaseException:
-            await runner.stop()
+            await runner.stop(SHUTDOWN_STOP_TIMEOUT_S if self._closing else STOP_TIMEOUT_S)
             raise
         log.info(
             "runner ready",
@@ -491,8 +494,9 @@ class RunnerManager:
         for task in [*loads, *self._tasks]:
             task.cancel()
         await asyncio.gather(*loads, *self._tasks, return_exceptions=True)
+        # Runners that were being stopped (keep_alive, unload) had their tasks cancelled above.
         await asyncio.gather(
-            *(r.stop(SHUTDOWN_STOP_TIMEOUT_S) for r in self.runners.values()),
+            *(r.stop(SHUTDOWN_STOP_TIMEOUT_S) for r in {*self.runners.values(), *self._stopping}),
             return_exceptions=True,
         )
         self.runners.clear()
@@ -506,7 +510,8 @@ def _runner_env() -> dict[str, str]:
     # busy runners on the same cores the spinners starve each other: measured on 2 cores,
     # gemma beside a tiny model took 9.7-18 s for 200 tokens instead of 6.0 s with 1000 spins,
     # and one runner alone ran as fast (4.7 s) either way. The operator's own value wins.
-    env.setdefault("GOMP_SPINCOUNT", "1000")
+    if "OMP_WAIT_POLICY" not in env:  # an explicit spin count would override the policy
+        env.setdefault("GOMP_SPINCOUNT", "1000")
     return env
 
 

@@ -103,6 +103,8 @@ class Preloader:
                 await asyncio.to_thread(self._import, entry)
             else:
                 state.state, state.message = "pulling", None
+                state.layers.clear()
+                state.completed = state.total = 0
                 await self._pull(entry, state)
             stored = await self.inference.resolve(entry.model)
         self._register(entry, stored)

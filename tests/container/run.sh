@@ -65,9 +65,13 @@ step "build"
 # one the build compiles llama.cpp (~6 min).
 # That wheel is built for this CPU: fine for this test, not for an image to ship, so it leaves
 # docker/wheels when the build is done.
-find "${PIP_CACHE_DIR:-$HOME/.cache/pip}" -name 'llama_cpp_python-0.3.36-*.whl' \
-    -exec cp {} docker/wheels/ \; 2>/dev/null || true
-trap 'rm -f docker/wheels/*.whl' EXIT
+copied=()
+while IFS= read -r wheel; do
+    [ -e "docker/wheels/$(basename "$wheel")" ] && continue # the developer's own: leave it
+    cp "$wheel" docker/wheels/ && copied+=("docker/wheels/$(basename "$wheel")")
+done < <(find "${PIP_CACHE_DIR:-$HOME/.cache/pip}" -name 'llama_cpp_python-0.3.36-*.whl' 2>/dev/null)
+uncopy() { if ((${#copied[@]})); then rm -f "${copied[@]}"; fi; }
+trap uncopy EXIT
 build() {
     podman build --format docker --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         -t "$IMAGE" . >"$WORK/build.log" 2>&1
@@ -86,7 +90,7 @@ cleanup() {
     podman volume rm -f "$NAME-models" >/dev/null 2>&1 || true
     podman network rm -f "$NET" >/dev/null 2>&1 || true
 }
-trap 'cleanup; rm -f docker/wheels/*.whl' EXIT
+trap 'cleanup; uncopy' EXIT
 cleanup
 seed="$WORK/seed"
 rm -rf "$seed" && mkdir -p "$seed"
@@ -159,7 +163,7 @@ compose_down() {
     [ -n "$volume_existed" ] || podman volume rm -f docker-model-runner-models >/dev/null 2>&1 || true
     kill "$service_pid" 2>/dev/null || true
 }
-trap 'compose_down; cleanup; rm -f docker/wheels/*.whl' EXIT
+trap 'compose_down; cleanup; uncopy' EXIT
 compose up -d --no-build
 cid=$(compose ps -q model-runner)
 healthy=""
