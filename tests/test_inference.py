@@ -414,7 +414,9 @@ def test_logprobs_chat_completions_and_stream(client: openai.OpenAI):
         for e in chunk.choices[0].logprobs.content
     ]
     assert [e.token for e in streamed] == [e.token for e in content]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+    # The second request may reuse the first one's cached prompt and compute its logits in a
+    # batch of another shape: float32 sums in another order differ by ~1e-4 (seen: 7.7e-5).
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-3)
 
 
 def test_json_object_output_parses(client: openai.OpenAI):
