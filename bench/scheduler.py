@@ -7,10 +7,12 @@ limit that holds one model, and reload after keep_alive. Prints a table; no pass
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common import REPO, cli, gemma, service_env, start_service
@@ -37,9 +39,23 @@ def unload_all(client: ServiceClient) -> None:
     client.request("POST", "/engines/unload", b'{"all": true}')
 
 
+@contextlib.contextmanager
+def service(models: Path, **extra: str) -> Iterator[ServiceClient]:
+    proc, client = start_service(service_env(models, free_port(), **extra))
+    try:
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def run(rounds: int) -> dict[str, list[float]]:
     gguf = gemma()
     results: dict[str, list[float]] = {}
+
+    def timed(label: str, client: ServiceClient, model: str) -> None:
+        results.setdefault(label, []).append(one_token(client, model))
+
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         env = service_env(models, free_port())
@@ -47,44 +63,26 @@ def run(rounds: int) -> dict[str, list[float]]:
         for name, ctx in (("bench/a", "4096"), ("bench/b", "2048")):
             cli(env, "package", "--gguf", str(gguf), "--chat-template", str(TEMPLATE),
                 "--context-size", ctx, "--store", name)  # fmt: skip
-        proc, client = start_service(env)
-        try:
+        with service(models) as client:
             for _ in range(rounds):
                 unload_all(client)
-                results.setdefault("cold load + 1 token", []).append(one_token(client, "bench/a"))
-                results.setdefault("warm, 1 token", []).append(one_token(client, "bench/a"))
+                timed("cold load + 1 token", client, "bench/a")
+                timed("warm, 1 token", client, "bench/a")
             estimate = ps(client)[0]["memory_estimate"]
-        finally:
-            proc.terminate()
-            proc.wait()
         # Room for one runner only: every request for the other model swaps.
-        env = service_env(models, free_port(), MODEL_RUNNER_MEMORY_LIMIT=str(int(estimate * 1.3)))
-        proc, client = start_service(env)
-        try:
+        with service(models, MODEL_RUNNER_MEMORY_LIMIT=str(int(estimate * 1.3))) as client:
             one_token(client, "bench/a")
             for _ in range(rounds):
                 for model in ("bench/b", "bench/a"):
-                    results.setdefault("swap (stop one, load other) + 1 token", []).append(
-                        one_token(client, model)
-                    )
+                    timed("swap (stop one, load other) + 1 token", client, model)
             assert len(ps(client)) == 1
-        finally:
-            proc.terminate()
-            proc.wait()
-        env = service_env(models, free_port(), MODEL_RUNNER_KEEP_ALIVE="1s")
-        proc, client = start_service(env)
-        try:
+        with service(models, MODEL_RUNNER_KEEP_ALIVE="1s") as client:
             for _ in range(rounds):
                 one_token(client, "bench/a")
                 deadline = time.monotonic() + 30
                 while ps(client) and time.monotonic() < deadline:
                     time.sleep(0.1)
-                results.setdefault("reload after keep_alive + 1 token", []).append(
-                    one_token(client, "bench/a")
-                )
-        finally:
-            proc.terminate()
-            proc.wait()
+                timed("reload after keep_alive + 1 token", client, "bench/a")
     return results
 
 

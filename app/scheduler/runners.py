@@ -148,7 +148,6 @@ class RunnerManager:
         # Manifest entries are the base; _configure overrides them until an unload.
         self.base_configs: dict[Key, RunnerConfig] = {}
         self.configs: dict[Key, RunnerConfig] = {}
-        self.config_names: dict[Key, str] = {}
         self.pinned: set[Key] = set()  # (model ID, mode): never stopped on their own
         self._wanted: Counter[Key] = Counter()  # requests waiting for a runner to load
         self._stopping: set[Runner] = set()  # still holding their memory until they exit
@@ -472,7 +471,7 @@ class RunnerManager:
         await asyncio.gather(*(self._stop(r) for r in idle))
         return len(idle)
 
-    async def configure(self, key: Key, name: str, config: RunnerConfig) -> bool:
+    async def configure(self, key: Key, config: RunnerConfig) -> bool:
         """Store a model's config; False when it is unchanged. 409 while its runner is busy."""
         config = layered(self.base_configs.get(key), config)
         if self.config_for(key) == config:
@@ -481,7 +480,6 @@ class RunnerManager:
         if key in self.loading or self._wanted[key] or (runner is not None and runner.in_use):
             raise errors.Conflict("runner already active")
         self.configs[key] = config
-        self.config_names[key] = name
         if runner is not None:
             await self._stop(runner)
         return True

@@ -157,7 +157,7 @@ class EnginesService:
         except runner_config.ConfigError as exc:
             raise errors.BadRequest(str(exc)) from None
         entry = await self.inference.resolve(model)
-        if not await self.runners.configure((entry.id, mode), model, config):
+        if not await self.runners.configure((entry.id, mode), config):
             return
         log.info("model configured; preloading", model=model, mode=mode, config=config.to_json())
         task = asyncio.create_task(self._preload(model, mode))
