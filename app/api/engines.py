@@ -37,7 +37,7 @@ async def configure(request: web.Request) -> web.Response:
 
 
 async def configs(request: web.Request) -> web.Response:
-    return json_response(request.app[ENGINES].configs(request.query.get("model")))
+    return json_response(await request.app[ENGINES].configs(request.query.get("model")))
 
 
 async def healthz(request: web.Request) -> web.Response:

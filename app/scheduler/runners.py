@@ -31,6 +31,7 @@ import structlog
 
 from app import errors
 from app.logging import get_logger
+from app.runner import SOURCE_ROOT
 from app.scheduler import memory
 from app.scheduler.config import RunnerConfig, layered
 from app.scheduler.durations import parse_keep_alive
@@ -398,7 +399,7 @@ class RunnerManager:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            cwd=Path(__file__).resolve().parent.parent.parent,
+            cwd=SOURCE_ROOT,
             env=_runner_env(),
         )
         session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket)))

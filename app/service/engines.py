@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from app import errors
-from app.distribution import reference
 from app.logging import get_logger
+from app.runner import SOURCE_ROOT
 from app.scheduler import config as runner_config
 from app.scheduler.durations import format_keep_alive
 from app.scheduler.runners import Plan, RunnerManager
 from app.service.inference import BACKENDS, InferenceService
-from app.store import ModelNotFound, ModelStore
+from app.store import ModelStore
 
 log = get_logger("engines")
 BACKEND = BACKENDS[0]
@@ -39,7 +39,7 @@ class EnginesService:
             sys.executable, "-m", "app.runner.probe",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            cwd=Path(__file__).resolve().parent.parent.parent,
+            cwd=SOURCE_ROOT,
         )  # fmt: skip
         out, err = await proc.communicate()
         try:
@@ -175,14 +175,15 @@ class EnginesService:
         except Exception:  # a background task: nobody else would see it
             log.exception("preload after _configure failed", model=model)
 
-    def configs(self, model: str | None) -> list[dict[str, Any]]:
+    async def configs(self, model: str | None) -> list[dict[str, Any]]:
         wanted = None
         if model:
             try:
-                wanted = self.store.resolve(model).id
-            except (ModelNotFound, reference.InvalidReference):
-                return []  # an unknown model has no configuration
-        entries = {e.id: e for e in self.store.entries()}
+                wanted = (await self.inference.resolve(model)).id
+            except errors.ServiceError:
+                return []  # an unknown (or malformed) model has no configuration
+        # The store's index is a file behind a lock: read it off the event loop.
+        entries = {e.id: e for e in await asyncio.to_thread(self.store.entries)}
         rows = []
         for key, config in {**self.runners.base_configs, **self.runners.configs}.items():
             if wanted is not None and key[0] != wanted:
