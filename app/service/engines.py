@@ -60,7 +60,8 @@ class EnginesService:
                 gpu_layers="all" if gpu is None and self.backend["gpu_offload"] else gpu or 0,
                 note=None
                 if self.backend["gpu_offload"]
-                else "this llama.cpp build has no GPU offload; inference runs on the CPU",
+                else "no GPU found (or this llama.cpp build has no GPU offload); "
+                "inference runs on the CPU",
             )
 
     def status(self) -> dict[str, str]:
