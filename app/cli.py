@@ -12,15 +12,14 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from app import __version__
+from app import __version__, preload_manifest
 from app.client import ClientError, ServiceClient, model_path
-from app.distribution import reference
-from app.distribution.tarball import iter_tar
 from app.errors import ServiceError
+from app.oci import reference
+from app.oci.tarball import iter_tar
 from app.packaging import artifact
 from app.packaging.gguf_config import GGUFError
 from app.progress_view import ProgressView, TransferFailed
-from app.scheduler import manifest
 from app.settings import Settings, SettingsError
 from app.store import ModelStore, StoreError
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         GGUFError,
         StoreError,
         SettingsError,
-        manifest.ManifestError,
+        preload_manifest.ManifestError,
         reference.InvalidReference,
         OSError,
         ServiceError,
@@ -109,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.logging import configure_logging
 
     settings = Settings.from_env()
-    entries = manifest.startup_entries(
+    entries = preload_manifest.startup_entries(
         settings.manifest, settings.preload_models, settings.default_registry
     )
     configure_logging(settings)
@@ -120,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """What the entrypoint runs first: a bad setting fails here, in one line, before serving."""
     settings = Settings.from_env()
-    entries = manifest.startup_entries(
+    entries = preload_manifest.startup_entries(
         settings.manifest, settings.preload_models, settings.default_registry
     )
     print(

@@ -40,3 +40,8 @@ class Unavailable(ServiceError):
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def model_not_found(ref: str) -> NotFound:
+    """DMR's answer when an inference or /v1/models request names a model the store lacks."""
+    return NotFound(f"error while getting model: get model '\"{ref}\"': model not found")

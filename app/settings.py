@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.scheduler import memory
-from app.scheduler.durations import DurationError, parse_keep_alive
+from app import sizes
+from app.durations import DurationError, parse_keep_alive
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console")
@@ -52,7 +52,7 @@ class Settings:
     keep_alive: float | None = 300.0
     # Bytes the runners' estimated memory may add up to.
     memory_limit: int = field(
-        default_factory=lambda: int(memory.machine_memory() * memory.DEFAULT_SHARE)
+        default_factory=lambda: int(sizes.machine_memory() * sizes.DEFAULT_SHARE)
     )
     # Requests waiting for a runner's slots beyond which new ones get 503 at once.
     max_queue: int = 64
@@ -176,12 +176,12 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _memory_limit(env: Mapping[str, str], name: str) -> int:
-    whole = memory.machine_memory()
+    whole = sizes.machine_memory()
     raw = _get(env, name)
     if not raw:
-        return int(whole * memory.DEFAULT_SHARE)
+        return int(whole * sizes.DEFAULT_SHARE)
     try:
-        limit = memory.parse_size(raw, whole)
+        limit = sizes.parse_size(raw, whole)
     except ValueError as exc:
         raise SettingsError(f"{name}={raw!r}: {exc}") from None
     if limit <= 0:

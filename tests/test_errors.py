@@ -96,6 +96,16 @@ def test_pull_body_errors(server: Server):
     assert_plain(reply, 400, "Invalid model reference")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"a":' * 100_000, b'{"from": ' + b"1" * 5000 + b"}"],
+    ids=["deep-array", "deep-object", "huge-int"],
+)
+def test_bodies_json_cannot_parse_are_400(server: Server, body: bytes):
+    for path in ("/models/create", "/models/x/push"):
+        assert_plain(server.tcp.request("POST", path, body), 400, "invalid request body")
+
+
 def test_body_over_the_cap_is_400(server: Server):
     big = b'{"from": "' + b"a" * (11 * 1024 * 1024) + b'"}'
     assert_plain(server.tcp.request("POST", "/models/create", big), 400, "request too large")

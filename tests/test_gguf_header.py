@@ -1,4 +1,4 @@
-"""The GGUF header reader used for memory estimates agrees with the gguf package's reader."""
+"""The GGUF header reader (memory estimates, packaging) agrees with the gguf package's reader."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app.scheduler import gguf_header, memory
+from app import gguf_header
+from app.packaging.gguf_config import GGUFError, extract_config
+from app.scheduler import memory
 from tests.tiny_gguf import write_tiny_gguf
 
 
@@ -51,6 +53,47 @@ def test_per_layer_head_counts_take_the_widest(tmp_path: Path):
     assert est.kv_cache == 100 * 2 * 3 * 4 * 16 * 2
 
 
+def test_tensors_match_gguf_reader(tmp_path: Path):
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    reader = gguf.GGUFReader(str(path))
+    header = gguf_header.read_header(path, max_array_items=50)
+    assert [(t.name, t.n_elements, t.type_name) for t in header.tensors] == [
+        (t.name, int(t.n_elements), t.tensor_type.name) for t in reader.tensors
+    ]
+    assert header.metadata["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert "tokenizer.ggml.tokens" not in header.metadata  # longer than 50 items
+
+
+def test_type_names_match_the_gguf_package():
+    for t in gguf.GGMLQuantizationType:
+        assert gguf_header.TENSOR_TYPES[t.value] == t.name
+    for f in gguf.LlamaFileType:
+        assert gguf_header.FILE_TYPES[f.value] == f.name.removeprefix("MOSTLY_").removeprefix(
+            "ALL_"
+        )
+
+
+def test_package_config_strings_like_dmr(tmp_path: Path):
+    path = write_tiny_gguf(tmp_path / "t.gguf", ctx=4096)
+    config = extract_config([path])
+    meta = config["gguf"]
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.context_length"] == "4096"
+    assert meta["llama.rope.freq_base"] == "10000.000000"
+    assert meta["tokenizer.ggml.add_bos_token"] == "true"
+    assert "tokenizer.ggml.tokens" not in meta
+    assert config["context_size"] == 4096
+    assert config["quantization"] == "F32"
+
+
+def test_a_truncated_model_is_refused_when_packaged(tmp_path: Path):
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        extract_config([cut])
+
+
 HEAD = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)  # version 3, no tensors, one key
 
 
@@ -71,3 +114,5 @@ def test_broken_headers_are_clear_errors(tmp_path: Path, data: bytes):
     path.write_bytes(data)
     with pytest.raises(memory.EstimateError, match="is not a usable GGUF"):
         memory.estimate([path], 512, 1)
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        extract_config([path])

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from app.distribution.blobs import BlobSource
-from app.distribution.tarball import iter_tar
+from app.oci.blobs import BlobSource
+from app.oci.tarball import iter_tar
 from app.packaging import artifact
 from tests.conftest import Server
 from tests.netutil import free_port

@@ -211,7 +211,7 @@ def test_root_and_version(call: Call):
 def test_concurrent_imports_and_tags_over_http(server: Server, tmp_path: Path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from app.distribution.tarball import iter_tar
+    from app.oci.tarball import iter_tar
     from app.packaging import artifact
     from tests.tiny_gguf import write_tiny_gguf
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.distribution import reference
+from app.oci import reference
 
 
 @pytest.mark.parametrize(

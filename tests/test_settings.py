@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.scheduler import memory
-from app.scheduler.durations import DurationError, format_keep_alive, parse_keep_alive
+from app import sizes
+from app.durations import DurationError, format_keep_alive, parse_keep_alive
 from app.settings import Settings, SettingsError
 from tests.conftest import REPO
 
@@ -77,7 +77,7 @@ def test_bad_value_names_the_variable(var: str, value: str):
 def test_scheduler_settings():
     s = Settings.from_env({})
     assert (s.keep_alive, s.max_queue, s.gpu_layers, s.shutdown_timeout) == (300, 64, None, 6)
-    assert 0 < s.memory_limit < memory.machine_memory()
+    assert 0 < s.memory_limit < sizes.machine_memory()
     s = Settings.from_env(
         {
             "MODEL_RUNNER_KEEP_ALIVE": "-1",
@@ -100,7 +100,7 @@ def test_scheduler_settings():
     for text in ("8g", "8G", "8GB", "8GiB", str(8 * 1024**3)):
         assert Settings.from_env({"MODEL_RUNNER_MEMORY_LIMIT": text}).memory_limit == 8 * 1024**3
     assert Settings.from_env({"MODEL_RUNNER_MEMORY_LIMIT": "50%"}).memory_limit == (
-        memory.machine_memory() // 2
+        sizes.machine_memory() // 2
     )
 
 

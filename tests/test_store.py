@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import threading
@@ -13,12 +14,30 @@ import pytest
 from app.packaging import artifact
 from app.store import ModelStore, StoreError
 from app.store.store import DigestMismatch
+from tests.conftest import REPO
 from tests.tiny_gguf import write_tiny_gguf
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "models")
+
+
+def test_imports_run_one_way():
+    """The formats depend on nothing; the store on the formats only; never back again."""
+    allowed = {"app.oci": ("app.oci",), "app.store": ("app.oci", "app.store")}
+    for package, may_import in allowed.items():
+        for path in (REPO / package.replace(".", "/")).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    if name == "app" or name.startswith("app."):
+                        assert name.startswith(may_import), f"{path.name} imports {name}"
 
 
 def test_layout_is_dmrs(store: ModelStore, tiny_gguf: Path):
@@ -144,7 +163,7 @@ def test_bundle_of_a_sharded_model_starts_at_the_first_shard(store: ModelStore, 
 
 
 def test_bundle_refuses_paths_that_leave_it(tiny_gguf: Path):
-    from app.distribution import manifest as mt
+    from app.oci import manifest as mt
     from app.store import bundle
 
     built = artifact.build(tiny_gguf)

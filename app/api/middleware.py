@@ -13,11 +13,13 @@ from aiohttp import web
 from app import errors
 from app.api.responses import is_streaming, plain_error
 from app.logging import get_logger
+from app.scheduler import errors as scheduler_errors
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = get_logger("http")
 
-_STATUS = {
+# The one table from what went wrong to the status a client gets; anything else is a 500.
+_STATUS: dict[type[Exception], int] = {
     errors.BadRequest: 400,
     errors.Unauthorized: 401,
     errors.NotFound: 404,
@@ -25,6 +27,11 @@ _STATUS = {
     errors.Unsupported: 422,
     errors.InsufficientStorage: 507,
     errors.Unavailable: 503,
+    scheduler_errors.QueueFull: 503,
+    scheduler_errors.NoMemory: 503,
+    scheduler_errors.ShuttingDown: 503,
+    scheduler_errors.RunnerBusy: 409,
+    scheduler_errors.LoadFailed: 500,
 }
 
 
@@ -74,7 +81,7 @@ async def error_answers(request: web.Request, handler: Handler) -> web.StreamRes
 
 def _answer(request: web.Request, exc: Exception) -> web.Response | None:
     """DMR's plain-text answer for an exception; None for aiohttp's own answers (redirects)."""
-    if isinstance(exc, errors.ServiceError):
+    if isinstance(exc, errors.ServiceError | scheduler_errors.SchedulerError):
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         if status == 500:
             log.error("request failed", error=str(exc))

@@ -37,7 +37,7 @@ def _bool_param(request: web.Request, name: str) -> bool:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(await asyncio.to_thread(_service(request).list_models))
+    return json_response(await _service(request).list_models())
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
@@ -46,11 +46,11 @@ async def get_model(request: web.Request) -> web.StreamResponse:
         return await _export(request, name.removesuffix("/export"))
     if _bool_param(request, "remote"):
         return plain_error(501, "inspecting remote models is not implemented yet")
-    return json_response(await asyncio.to_thread(_service(request).get_model, name))
+    return json_response(await _service(request).get_model(name))
 
 
 async def _export(request: web.Request, name: str) -> web.StreamResponse:
-    filename, chunks = await asyncio.to_thread(_service(request).export, name)
+    filename, chunks = await _service(request).export(name)
     safe = "".join(c for c in filename if c.isprintable() and c not in '"\\')
     response = web.StreamResponse(
         headers={
@@ -71,11 +71,11 @@ async def _export(request: web.Request, name: str) -> web.StreamResponse:
 async def delete_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     force = _bool_param(request, "force")
-    return json_response(await asyncio.to_thread(_service(request).delete_model, name, force))
+    return json_response(await _service(request).delete_model(name, force))
 
 
 async def purge(request: web.Request) -> web.Response:
-    await asyncio.to_thread(_service(request).purge)
+    await _service(request).purge()
     return web.Response(status=200)
 
 
@@ -84,7 +84,7 @@ async def model_action(request: web.Request) -> web.StreamResponse:
     name, _, action = request.match_info["name"].rpartition("/")
     if action == "tag" and name:
         repo, tag = request.query.get("repo", ""), request.query.get("tag", "")
-        body = await asyncio.to_thread(_service(request).tag_model, name, repo, tag)
+        body = await _service(request).tag_model(name, repo, tag)
         return json_response(body, status=201)
     if action == "push" and name:
         return await push_model(request, name)
@@ -98,7 +98,7 @@ async def load_model(request: web.Request) -> web.Response:
         # A compressed body could expand without bound; DMR's CLI never compresses it.
         return plain_error(400, "error while loading model: compressed uploads are not accepted")
     reader = io.BufferedReader(BlockingBodyReader(request.content, asyncio.get_running_loop()))
-    _, line = await asyncio.to_thread(_service(request).load, reader)
+    _, line = await _service(request).load(reader)
     return web.Response(body=json_line(line), content_type="application/json")
 
 
@@ -130,9 +130,9 @@ async def _transfer_body(request: web.Request, required: bool) -> tuple[str, str
 
 
 async def openai_models(request: web.Request) -> web.Response:
-    return json_response(await asyncio.to_thread(_service(request).openai_models))
+    return json_response(await _service(request).openai_models())
 
 
 async def openai_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return json_response(await asyncio.to_thread(_service(request).openai_model, name))
+    return json_response(await _service(request).openai_model(name))

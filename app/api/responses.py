@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from app import json_body
 from app.errors import BadRequest
 
 
@@ -41,8 +42,8 @@ async def read_json(request: web.Request, invalid: str) -> Any:
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest("request too large") from None
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return json_body.parse(raw)
+    except json_body.InvalidJSON:
         raise BadRequest(invalid) from None
 
 

@@ -12,15 +12,18 @@ import aiohttp
 from aiohttp import web
 
 from app import __version__
-from app.api import engines, models, openai
+from app.api import control, models, openai
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.middleware import access_log, error_answers
 from app.api.responses import json_response
 from app.logging import get_logger
-from app.scheduler.manifest import ModelEntry
-from app.scheduler.runners import Defaults, RunnerManager
+from app.preload_manifest import ModelEntry
+from app.scheduler.launch import Defaults
+from app.scheduler.process import RunnerLauncher
+from app.scheduler.scheduler import Limits, Scheduler
+from app.service.backend import BackendProbe
+from app.service.control import ControlService
 from app.service.distribution import DistributionService
-from app.service.engines import EnginesService
 from app.service.inference import InferenceService
 from app.service.models import ModelService
 from app.service.preload import Preloader
@@ -48,15 +51,15 @@ def _routes() -> list[tuple[str, str, Handler]]:
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/", root),
         ("*", "/version", version),
-        ("GET", "/healthz", engines.healthz),
-        ("GET", "/readyz", engines.readyz),
-        ("GET", "/engines/status", engines.status),
-        ("GET", "/engines/ps", engines.ps),
-        ("GET", "/engines/df", engines.df),
-        ("POST", "/engines/unload", engines.unload),
-        ("POST", "/engines/_configure", engines.configure),
-        ("POST", "/engines/{backend}/_configure", engines.configure),
-        ("GET", "/engines/_configure", engines.configs),
+        ("GET", "/healthz", control.healthz),
+        ("GET", "/readyz", control.readyz),
+        ("GET", "/engines/status", control.status),
+        ("GET", "/engines/ps", control.ps),
+        ("GET", "/engines/df", control.df),
+        ("POST", "/engines/unload", control.unload),
+        ("POST", "/engines/_configure", control.configure),
+        ("POST", "/engines/{backend}/_configure", control.configure),
+        ("GET", "/engines/_configure", control.configs),
         ("GET", "/models", models.list_models),
         ("POST", "/models/create", models.create_model),
         ("POST", "/models/load", models.load_model),
@@ -107,22 +110,25 @@ def create_app(
 
     app.cleanup_ctx.append(registry_session)
 
-    async def runners(app: web.Application) -> AsyncIterator[None]:
-        manager = RunnerManager(store, _defaults(settings))
-        inference = app[openai.INFERENCE] = InferenceService(store, manager)
-        service = app[engines.ENGINES] = EnginesService(store, inference)
-        preloader = app[engines.PRELOADER] = Preloader(
+    async def inference_stack(app: web.Application) -> AsyncIterator[None]:
+        launcher = RunnerLauncher()
+        scheduler = Scheduler(_defaults(settings), _limits(settings), launcher)
+        inference = app[openai.INFERENCE] = InferenceService(store, scheduler)
+        control_service = app[control.CONTROL] = ControlService(store, inference)
+        probe = app[control.BACKEND] = BackendProbe(settings.gpu_layers)
+        preloader = app[control.PRELOADER] = Preloader(
             entries or [], store, app[models.DISTRIBUTION], inference
         )
-        background = [asyncio.create_task(service.probe()), asyncio.create_task(preloader.run())]
+        background = [asyncio.create_task(probe.run()), asyncio.create_task(preloader.run())]
         yield
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await service.close()
-        await manager.close()
+        await control_service.close()
+        await scheduler.close()
+        launcher.close()
 
-    app.cleanup_ctx.append(runners)
+    app.cleanup_ctx.append(inference_stack)
     for method, path, handler in _routes():
         for prefixed in (path, DESKTOP_PREFIX + path):
             if method == "GET":
@@ -138,9 +144,11 @@ def _defaults(settings: Settings) -> Defaults:
         threads=settings.threads,
         gpu_layers=settings.gpu_layers,
         keep_alive=settings.keep_alive,
-        memory_limit=settings.memory_limit,
-        max_queue=settings.max_queue,
     )
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(memory=settings.memory_limit, max_queue=settings.max_queue)
 
 
 async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> None:
@@ -150,19 +158,19 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
     # shutdown_timeout to finish before their connections are closed.
     # handler_cancellation: a client that goes away cancels its request, so an inference stops
     # within a decode step and a pull stops downloading.
-    runner = web.AppRunner(
+    web_runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout,
         handler_cancellation=True,
     )
-    await runner.setup()
-    sites: list[web.BaseSite] = [web.TCPSite(runner, settings.addr, settings.port)]
+    await web_runner.setup()
+    sites: list[web.BaseSite] = [web.TCPSite(web_runner, settings.addr, settings.port)]
     if settings.sock is not None:
         settings.sock.parent.mkdir(parents=True, exist_ok=True)
         settings.sock.unlink(missing_ok=True)  # a stale socket from a killed run blocks bind()
-        sites.append(web.UnixSite(runner, str(settings.sock)))
+        sites.append(web.UnixSite(web_runner, str(settings.sock)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,7 +181,7 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
         extra_ports = []
         for port in settings.extra_ports:
             try:
-                await web.TCPSite(runner, settings.addr, port).start()
+                await web.TCPSite(web_runner, settings.addr, port).start()
             except OSError as exc:  # the main port works; say why this one does not
                 log.warning("extra port unavailable", port=port, error=str(exc))
             else:
@@ -189,6 +197,6 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
         await stop.wait()
         log.info("shutting down", drain_timeout_s=settings.shutdown_timeout)
     finally:
-        await runner.cleanup()
+        await web_runner.cleanup()
         if settings.sock is not None:
             settings.sock.unlink(missing_ok=True)

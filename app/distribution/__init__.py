@@ -1,1 +1,1 @@
-"""OCI references and (later) registry pull and push."""
+"""Moving models to and from OCI registries: auth, the registry client, pull and push."""

@@ -24,10 +24,10 @@ import aiohttp
 
 from app.distribution import progress
 from app.distribution.auth import load_credentials
-from app.distribution.manifest import Descriptor, Manifest, parse_config, parse_manifest
-from app.distribution.reference import Reference
 from app.distribution.registry import Registry, RegistryError
 from app.logging import get_logger
+from app.oci.manifest import Descriptor, Manifest, parse_config, parse_manifest
+from app.oci.reference import Reference
 from app.settings import Settings
 from app.store import IndexEntry, ModelStore, bundle
 from app.store.partial import PartialBlob
@@ -118,9 +118,9 @@ class Puller:
             raise PullError(f"manifest digest mismatch: asked for {ref.digest}, got {model_id}")
         manifest = parse_manifest(raw)
         bundle.layout(manifest)  # a hostile file path fails here, before anything is written
-        cached = next((e for e in self.store.entries() if e.id == model_id), None)
+        cached, has_config = await asyncio.to_thread(self._stored, model_id, manifest.config)
         plan = PullPlan(ref, registry, raw, manifest, model_id, cached)
-        if cached is None and not self.store.has_blob(manifest.config.digest, manifest.config.size):
+        if cached is None and not has_config:
             size = min(manifest.config.size, _MAX_CONFIG_BYTES)
             plan.config_raw = await registry.blob_bytes(manifest.config.digest, size)
             if "sha256:" + hashlib.sha256(plan.config_raw).hexdigest() != manifest.config.digest:
@@ -128,11 +128,17 @@ class Puller:
             parse_config(plan.config_raw)
         return plan
 
+    def _stored(self, model_id: str, config: Descriptor) -> tuple[IndexEntry | None, bool]:
+        """The model's entry if it is stored already, and whether its config blob is."""
+        cached = next((e for e in self.store.entries() if e.id == model_id), None)
+        return cached, self.store.has_blob(config.digest, config.size)
+
     async def run(self, plan: PullPlan) -> AsyncIterator[progress.Message]:
         if plan.cached is not None:
             if plan.tag:
                 await asyncio.to_thread(self.store.tag, plan.model_id, plan.tag)
-            yield progress.message("success", f"Using cached model: {self._size(plan.cached)}")
+            size = await asyncio.to_thread(self._size, plan.cached)
+            yield progress.message("success", f"Using cached model: {size}")
             return
         async with self._slots, contextlib.AsyncExitStack() as stack:
             stack.enter_context(self.store.pinned(d.digest for d in plan.manifest.blobs))
@@ -160,10 +166,13 @@ class Puller:
             w.write(plan.config_raw)
             w.commit()
 
+    def _missing(self, blobs: list[Descriptor]) -> list[Descriptor]:
+        return [d for d in blobs if not self.store.has_blob(d.digest, d.size)]
+
     async def _download_layers(self, plan: PullPlan) -> AsyncIterator[progress.Message]:
         layers = {layer.digest: layer for layer in plan.manifest.layers}
         total = sum(layer.size for layer in layers.values())
-        missing = [d for d in layers.values() if not self.store.has_blob(d.digest, d.size)]
+        missing = await asyncio.to_thread(self._missing, list(layers.values()))
         queue: asyncio.Queue[progress.Message] = asyncio.Queue()
         waits = []
         for desc in missing:

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
 
 from app.distribution import progress
-from app.distribution.blobs import BlobSource
 from app.distribution.pull import all_or_nothing
 from app.distribution.registry import Registry
+from app.oci.blobs import BlobSource
 
 CHUNK = 32 * 1024 * 1024
 _PIECE = 1024 * 1024

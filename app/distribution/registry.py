@@ -19,8 +19,8 @@ import aiohttp
 
 from app import __version__
 from app.distribution.auth import Credentials, parse_challenge
-from app.distribution.manifest import MANIFEST_MEDIA_TYPE
-from app.distribution.reference import DEFAULT_REGISTRY, Reference
+from app.oci.manifest import MANIFEST_MEDIA_TYPE
+from app.oci.reference import DEFAULT_REGISTRY, Reference
 
 MANIFEST_ACCEPT = ", ".join(
     [

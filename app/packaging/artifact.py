@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.distribution import manifest as mt
-from app.distribution.blobs import BlobSource, file_source
-from app.distribution.manifest import CONFIG_V01, Descriptor, Manifest
-from app.distribution.tarball import CHUNK
+from app.oci import manifest as mt
+from app.oci.blobs import BlobSource, file_source
+from app.oci.manifest import CONFIG_V01, Descriptor, Manifest
+from app.oci.tarball import CHUNK
 from app.packaging.gguf_config import discover_shards, extract_config
 from app.store import IndexEntry, ModelStore
 

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import gguf
+from app import gguf_header
 
 # DMR leaves long arrays (vocabularies, merges) out of the metadata map.
 _MAX_ARRAY = 50
@@ -37,15 +37,14 @@ def discover_shards(first: Path) -> list[Path]:
 
 def extract_config(shards: list[Path], context_size: int | None = None) -> dict[str, Any]:
     """Build the artifact's ``config`` object: format, quantization, parameters, sizes, KVs."""
-    readers = [_reader(p) for p in shards]
-    meta = _metadata(readers[0])
+    headers = [_header(p) for p in shards]
+    meta = {key: _stringify(value) for key, value in headers[0].metadata.items()}
     arch = meta.get("general.architecture", "")
-    tensors = [t for r in readers for t in r.tensors]
-    n_params = sum(int(t.n_elements) for t in tensors)
+    tensors = [t for h in headers for t in h.tensors]
     config: dict[str, Any] = {
         "format": "gguf",
-        "quantization": _quantization(readers[0], tensors),
-        "parameters": _scaled(n_params, 1000, ["", "K", "M", "B", "T"]),
+        "quantization": _quantization(headers[0].metadata.get("general.file_type"), tensors),
+        "parameters": _scaled(sum(t.n_elements for t in tensors), 1000, ["", "K", "M", "B", "T"]),
         "architecture": arch,
         "size": _scaled(
             sum(p.stat().st_size for p in shards), 1024, ["B", "KiB", "MiB", "GiB", "TiB"]
@@ -60,31 +59,19 @@ def extract_config(shards: list[Path], context_size: int | None = None) -> dict[
     return config
 
 
-def _reader(path: Path) -> gguf.GGUFReader:
+def _header(path: Path) -> gguf_header.Header:
     try:
-        return gguf.GGUFReader(path)
+        return gguf_header.read_header(path, max_array_items=_MAX_ARRAY)
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
-    except Exception as exc:  # the gguf package raises bare ValueErrors and struct errors
+    except (OSError, gguf_header.HeaderError) as exc:
         raise GGUFError(f"{path}: not a readable GGUF file ({exc})") from None
-
-
-def _metadata(reader: gguf.GGUFReader) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            if len(field.data) > _MAX_ARRAY:
-                continue
-            out[key] = ", ".join(_stringify(v) for v in field.contents())
-        else:
-            out[key] = _stringify(field.contents())
-    return out
 
 
 def _stringify(value: Any) -> str:
     # Go's %v and %f, which DMR uses for this map.
+    if isinstance(value, list):
+        return ", ".join(_stringify(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -92,17 +79,12 @@ def _stringify(value: Any) -> str:
     return str(value)
 
 
-def _quantization(reader: gguf.GGUFReader, tensors: list[Any]) -> str:
-    field = reader.fields.get("general.file_type")
-    if field is not None:
-        try:
-            name = gguf.LlamaFileType(int(field.contents())).name
-            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            pass
+def _quantization(file_type: Any, tensors: list[gguf_header.Tensor]) -> str:
+    if isinstance(file_type, int) and file_type in gguf_header.FILE_TYPES:
+        return gguf_header.FILE_TYPES[file_type]
     if not tensors:
         return ""
-    return Counter(t.tensor_type.name for t in tensors).most_common(1)[0][0]
+    return Counter(t.type_name for t in tensors).most_common(1)[0][0]
 
 
 def _scaled(value: float, base: int, units: list[str]) -> str:

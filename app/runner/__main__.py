@@ -54,7 +54,8 @@ def main() -> int:
     from app.engine.engine import Engine
     from app.engine.llama import LlamaError, Model
     from app.runner.chat import ChatTemplate, TemplateError
-    from app.runner.server import Runtime, create_app
+    from app.runner.routes import create_app
+    from app.runner.serving import Runtime
 
     try:
         model = Model(args.model, gpu_layers=_gpu_layers(args.gpu_layers))
@@ -87,16 +88,18 @@ def _gpu_layers(asked: int) -> int:
 
 async def _serve(app: web.Application, socket: Path, engine: Engine | None) -> None:
     # The front drains requests before it stops a runner; whatever is left here is cut.
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=1)
-    await runner.setup()
+    web_runner = web.AppRunner(
+        app, handle_signals=False, handler_cancellation=True, shutdown_timeout=1
+    )
+    await web_runner.setup()
     socket.unlink(missing_ok=True)
-    await web.UnixSite(runner, str(socket)).start()
+    await web.UnixSite(web_runner, str(socket)).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    await web_runner.cleanup()
     if engine is not None:  # while the loop still runs: the engine's last events land safely
         await asyncio.to_thread(engine.close)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 import aiohttp
 
 from app import errors
-from app.distribution import progress, pull, push, reference, registry
-from app.distribution.blobs import BlobSource, file_source
-from app.distribution.manifest import InvalidManifest, UnsupportedConfig, parse_manifest
+from app.distribution import progress, pull, push, registry
+from app.oci import reference
+from app.oci.blobs import BlobSource, file_source
+from app.oci.manifest import InvalidManifest, UnsupportedConfig, parse_manifest
 from app.settings import Settings
 from app.store import ModelNotFound, ModelStore, StoreError
 from app.store.bundle import BundleError
@@ -70,11 +72,14 @@ class DistributionService:
     async def prepare_push(self, ref: str, bearer_token: str | None) -> PushJob:
         """Push a stored model under the name it is asked for by."""
         with _mapped("pushing"):
-            entry = self.store.resolve(ref)
-            manifest = self.store.manifest(entry)
-            blobs = [file_source(d, self.store.blob_path(d.digest)) for d in manifest.blobs]
-            raw = self.store.manifest_bytes(entry)
+            raw, blobs = await asyncio.to_thread(self._stored, ref)
         return await self.prepare_push_blobs(ref, raw, blobs, bearer_token)
+
+    def _stored(self, ref: str) -> tuple[bytes, list[BlobSource]]:
+        """A stored model's manifest and blobs (reads the index and the manifest)."""
+        raw = self.store.manifest_bytes(self.store.resolve(ref))
+        blobs = parse_manifest(raw).blobs
+        return raw, [file_source(d, self.store.blob_path(d.digest)) for d in blobs]
 
     async def prepare_push_blobs(
         self, ref: str, manifest_raw: bytes, blobs: list[BlobSource], bearer_token: str | None

@@ -1,39 +1,65 @@
-"""Inference requests: check them, find the model, lease its runner (spec 5.1).
-
-The request body goes to the runner unchanged; this only reads the ``model`` field.
-"""
+"""Inference requests, end to end (spec 5.1): find the model, lease its runner, forward the
+body unchanged, and after a crash before any answer, once more on a fresh runner."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
 
 from app import errors
-from app.distribution import reference
-from app.scheduler.runners import Runner, RunnerManager
+from app.logging import get_logger
+from app.oci import reference
+from app.scheduler.launch import COMPLETION, EMBEDDING, ModelFiles, RunnerKey
+from app.scheduler.process import RunnerProcess
+from app.scheduler.scheduler import Scheduler
+from app.service.backend import check_backend
 from app.store import IndexEntry, ModelNotFound, ModelStore
 
-BACKENDS = ("llama.cpp",)
+log = get_logger("inference")
+
+# The path suffix decides the runner's mode and the runner's route (spec 5.1).
+ROUTES = {
+    "chat/completions": COMPLETION,
+    "completions": COMPLETION,
+    "embeddings": EMBEDDING,
+}
+_PASSED_HEADERS = ("Content-Type", "Cache-Control")
+# A runner that crashed is exiting; this long is allowed for its last words to arrive.
+_LAST_WORDS_S = 2
+_RUNNER_GONE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+
+
+class RunnerDied(Exception):
+    """The runner died under the request; the message says how, with its last words.
+    ``started`` tells whether part of the answer was already passed on."""
+
+    def __init__(self, message: str, started: bool) -> None:
+        super().__init__(message)
+        self.started = started
+
+
+@dataclass
+class Reply:
+    """The runner's answer, its body passed on as it comes."""
+
+    status: int
+    headers: dict[str, str]
+    chunks: AsyncIterator[bytes]
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.headers.get("Content-Type", "").startswith("text/event-stream")
 
 
 class InferenceService:
-    def __init__(self, store: ModelStore, runners: RunnerManager) -> None:
+    def __init__(self, store: ModelStore, scheduler: Scheduler) -> None:
         self.store = store
-        self.runners = runners
-
-    async def model_for(self, body: bytes, backend: str | None) -> tuple[IndexEntry, str]:
-        """The stored model a request names, and the name it used."""
-        if backend is not None and backend not in BACKENDS:
-            raise errors.NotFound("backend not found")
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise errors.BadRequest("invalid request") from None
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, str) or not model.strip():
-            raise errors.BadRequest("model is required")
-        return await self.resolve(model), model
+        self.scheduler = scheduler
 
     async def resolve(self, model: str) -> IndexEntry:
         try:
@@ -41,12 +67,75 @@ class InferenceService:
         except reference.InvalidReference:
             raise errors.BadRequest(f"Invalid model reference: {model!r}") from None
         except ModelNotFound:
-            raise errors.NotFound(
-                f"error while getting model: get model '\"{model}\"': model not found"
-            ) from None
+            raise errors.model_not_found(model) from None
 
-    def runner(
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, route: str, body: bytes, doc: Any, backend: str | None, preload_only: bool = False
+    ) -> AsyncIterator[Reply | None]:
+        """The runner's reply to an OpenAI request (``doc`` is ``body`` parsed); None when
+        ``preload_only`` (``docker model run -d``): the runner is loaded, nothing is asked.
+        Raises RunnerDied, from here or while reading the chunks."""
+        check_backend(backend)
+        name = _model_name(doc)
+        entry = await self.resolve(name)
+        mode = ROUTES[route]
+        for retry in (True, False):
+            async with contextlib.AsyncExitStack() as stack:
+                process = await stack.enter_async_context(self._lease(entry, mode, name))
+                if preload_only:
+                    yield None
+                    return
+                try:
+                    upstream = await stack.enter_async_context(process.post(route, body))
+                except _RUNNER_GONE as exc:
+                    await process.wait_exit(_LAST_WORDS_S)
+                    if retry and not process.alive:
+                        # It crashed before this request reached it (another request killed
+                        # it): a fresh runner can still serve this one.
+                        continue
+                    raise RunnerDied(_failure(exc, process), started=False) from None
+                headers = {h: upstream.headers[h] for h in _PASSED_HEADERS if h in upstream.headers}
+                yield Reply(upstream.status, headers, _chunks(upstream, process))
+                return
+
+    async def load(self, entry: IndexEntry, mode: str, name: str) -> None:
+        """Have the model's runner loaded (preload, ``_configure``), asking it nothing."""
+        async with self._lease(entry, mode, name):
+            pass
+
+    def _lease(
         self, entry: IndexEntry, mode: str, name: str
-    ) -> contextlib.AbstractAsyncContextManager[Runner]:
-        """A runner for the request, counted as busy (never evicted) until the block ends."""
-        return self.runners.use(entry, mode, name)
+    ) -> contextlib.AbstractAsyncContextManager[RunnerProcess]:
+        return self.scheduler.lease(RunnerKey(entry.id, mode), name, lambda: self._files(entry))
+
+    def _files(self, entry: IndexEntry) -> ModelFiles:
+        bundle = self.store.bundle(entry)
+        return ModelFiles(
+            gguf=bundle.gguf,
+            shards=bundle.shards,
+            chat_template=bundle.chat_template,
+            context_size=int(bundle.config.get("context_size") or 0) or None,
+        )
+
+
+def _model_name(doc: Any) -> str:
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, str) or not model.strip():
+        raise errors.BadRequest("model is required")
+    return model
+
+
+async def _chunks(upstream: aiohttp.ClientResponse, process: RunnerProcess) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except _RUNNER_GONE as exc:
+        await process.wait_exit(_LAST_WORDS_S)
+        raise RunnerDied(_failure(exc, process), started=True) from None
+
+
+def _failure(exc: Exception, process: RunnerProcess) -> str:
+    message = f"the model runner failed: {exc}. {process.tail()}".strip()
+    log.error("runner failed mid-request", error=message)
+    return message

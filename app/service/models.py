@@ -1,7 +1,7 @@
 """Model management: the behaviour of DMR's models handler (spec 3.2-3.6, 3.8, 6.1).
 
-Plain functions over the store; the HTTP layer runs them in a worker thread because they touch
-the disk.
+Every public method reads or writes the store, so each runs in a worker thread (``in_thread``):
+callers await them from the event loop.
 """
 
 from __future__ import annotations
@@ -10,15 +10,23 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO
 
 from app import errors
-from app.distribution import progress, reference
-from app.distribution.blobs import BlobSource
-from app.distribution.manifest import InvalidManifest, UnsupportedConfig
-from app.distribution.tarball import iter_tar
+from app.distribution import progress
 from app.logging import get_logger
+from app.oci import reference
+from app.oci.blobs import BlobSource
+from app.oci.manifest import InvalidManifest, UnsupportedConfig
+from app.oci.tarball import iter_tar
+from app.service import in_thread
 from app.service.views import model_json, openai_json
 from app.store import IndexEntry, ModelNotFound, ModelStore, MultipleTags, StoreError, importer
 
 log = get_logger("models")
+
+_DELETE_NOT_FOUND = "error while deleting model: model not found"
+
+
+def _invalid_reference(exc: reference.InvalidReference) -> errors.BadRequest:
+    return errors.BadRequest(f"Invalid model reference: {exc}")
 
 
 class ModelService:
@@ -26,13 +34,13 @@ class ModelService:
         self.store = store
 
     # -- lookups --------------------------------------------------------------------------
-    def _resolve(self, ref: str, not_found: str = "model not found") -> IndexEntry:
+    def _resolve(self, ref: str, not_found: errors.NotFound | None = None) -> IndexEntry:
         try:
             return self.store.resolve(ref)
         except reference.InvalidReference as exc:
-            raise errors.BadRequest(f"Invalid model reference: {exc}") from None
+            raise _invalid_reference(exc) from None
         except ModelNotFound:
-            raise errors.NotFound(not_found) from None
+            raise not_found or errors.NotFound("model not found") from None
 
     def _resolve_with_partial_name(self, ref: str) -> IndexEntry:
         """GET /models/{ref} and tag also accept a bare repository name (spec 3.3)."""
@@ -43,12 +51,13 @@ class ModelService:
             if entry is not None:
                 return entry
             if isinstance(exc, reference.InvalidReference):
-                raise errors.BadRequest(f"Invalid model reference: {exc}") from None
+                raise _invalid_reference(exc) from None
             raise errors.NotFound("model not found") from None
 
     def _describe(self, entry: IndexEntry) -> dict[str, Any]:
         return model_json(entry, self.store.config(entry))
 
+    @in_thread
     def list_models(self) -> list[dict[str, Any]]:
         return [view for entry, view in self._views(model_json)]
 
@@ -60,21 +69,23 @@ class ModelService:
                 # One damaged model must not hide the others (DMR skips it the same way).
                 log.warning("skipping unreadable model", model=entry.id, error=str(exc))
 
+    @in_thread
     def get_model(self, ref: str) -> dict[str, Any]:
         return self._describe(self._resolve_with_partial_name(ref))
 
+    @in_thread
     def openai_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [view for _, view in self._views(openai_json)]}
 
+    @in_thread
     def openai_model(self, ref: str) -> dict[str, Any]:
-        entry = self._resolve(
-            ref, f"error while getting model: get model '\"{ref}\"': model not found"
-        )
+        entry = self._resolve(ref, errors.model_not_found(ref))
         return openai_json(entry, self.store.config(entry))
 
     # -- changes --------------------------------------------------------------------------
+    @in_thread
     def delete_model(self, ref: str, force: bool) -> list[dict[str, str]]:
-        entry = self._resolve(ref, "error while deleting model: model not found")
+        entry = self._resolve(ref, errors.NotFound(_DELETE_NOT_FOUND))
         text = ref.strip()
         try:
             if not reference.looks_like_id(text) and "@" not in text:
@@ -90,9 +101,10 @@ class ModelService:
                 "due to multiple tag references: resource conflict"
             ) from None
         except ModelNotFound:
-            raise errors.NotFound("error while deleting model: model not found") from None
+            raise errors.NotFound(_DELETE_NOT_FOUND) from None
         return [*({"Untagged": t} for t in deleted.tags), {"Deleted": deleted.id}]
 
+    @in_thread
     def tag_model(self, ref: str, repo: str, tag: str) -> dict[str, str]:
         if not repo or not tag:
             raise errors.BadRequest("missing repo or tag query parameter")
@@ -100,7 +112,7 @@ class ModelService:
         try:
             canonical = str(self.store.parse_reference(target))
         except reference.InvalidReference as exc:
-            raise errors.BadRequest(f"Invalid model reference: {exc}") from None
+            raise _invalid_reference(exc) from None
         entry = self._resolve_with_partial_name(ref)
         try:
             self.store.tag(entry.id, canonical)
@@ -108,11 +120,16 @@ class ModelService:
             raise errors.NotFound("model not found") from None
         return {"message": f'Model tagged successfully with "{target}"', "target": target}
 
+    @in_thread
     def purge(self) -> None:
         self.store.purge()
 
+    @in_thread
     def load(self, stream: BinaryIO) -> tuple[IndexEntry, dict[str, Any]]:
-        """Import a model tarball; the entry is untagged, as in DMR (the client tags it)."""
+        """Import a model tarball; the entry is untagged, as in DMR (the client tags it).
+
+        ``stream`` is a blocking reader (the request body bridged to this worker thread).
+        """
         try:
             entry = importer.import_tar(self.store, stream)
         except UnsupportedConfig as exc:
@@ -124,8 +141,10 @@ class ModelService:
         log.info("model loaded", model=entry.id)
         return entry, progress.message("success", "Model loaded successfully")
 
+    @in_thread
     def export(self, ref: str) -> tuple[str, Generator[bytes, None, None]]:
-        """The tarball of a model, as a file name and a lazy chunk iterator.
+        """The tarball of a model, as a file name and a lazy chunk iterator whose chunks read
+        the disk: pull them off the event loop (``app.api.streams.write_chunks`` does).
 
         Every blob is opened before the first byte goes out, so a missing file is an error
         status rather than a cut stream, and a delete during the export cannot truncate it.

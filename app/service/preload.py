@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app import errors
-from app.distribution import reference
 from app.logging import get_logger
+from app.oci import reference
 from app.packaging import artifact
 from app.packaging.gguf_config import GGUFError
-from app.scheduler.manifest import ModelEntry
+from app.preload_manifest import ModelEntry
+from app.scheduler.errors import SchedulerError
+from app.scheduler.launch import RunnerKey
 from app.service.distribution import DistributionService
 from app.service.inference import InferenceService
 from app.store import IndexEntry, ModelNotFound, ModelStore
@@ -81,7 +83,7 @@ class Preloader:
             for entry, state in pending:
                 try:
                     await self._prepare(entry, state)
-                except errors.ServiceError as exc:
+                except (errors.ServiceError, SchedulerError) as exc:
                     # A registry down at boot must not leave the service unready for good.
                     state.state, state.message = "error", f"{exc} (next try in {delay:.0f} s)"
                     log.error("preload failed", model=entry.model, error=str(exc), retry_s=delay)
@@ -111,15 +113,13 @@ class Preloader:
         if entry.preload:
             state.state, state.message = "loading", None
             log.info("preloading model", model=entry.model, mode=entry.mode)
-            async with self.inference.runner(stored, entry.mode, entry.model):
-                state.loaded = True
+            await self.inference.load(stored, entry.mode, entry.model)
+            state.loaded = True
         state.state, state.message = "ready", None
 
     def _register(self, entry: ModelEntry, stored: IndexEntry) -> None:
-        runners = self.inference.runners
-        runners.base_configs[(stored.id, entry.mode)] = entry.config
-        if entry.pin:
-            runners.pinned.add((stored.id, entry.mode))
+        key = RunnerKey(stored.id, entry.mode)
+        self.inference.scheduler.configs.set_base(key, entry.config, pin=entry.pin)
 
     def _import(self, entry: ModelEntry) -> None:
         assert entry.gguf is not None

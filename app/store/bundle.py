@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from app.distribution import manifest as mt
+from app.oci import manifest as mt
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _WEIGHTS = {mt.GGUF, "application/vnd.cncf.model.weight.v1.gguf"}

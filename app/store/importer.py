@@ -14,14 +14,14 @@ import shutil
 import tarfile
 from typing import BinaryIO
 
-from app.distribution.manifest import (
+from app.oci.manifest import (
     MAX_MANIFEST_BYTES,
     InvalidManifest,
     UnsupportedConfig,
     parse_config,
     parse_manifest,
 )
-from app.distribution.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
+from app.oci.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
 from app.store import bundle
 from app.store.store import DigestMismatch, IndexEntry, ModelStore
 

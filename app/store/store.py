@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.distribution import reference
-from app.distribution.manifest import Manifest, parse_manifest
+from app.oci import reference
+from app.oci.manifest import Manifest, parse_manifest
 from app.store import bundle as bundle_mod
 from app.store.atomic import AtomicFile, remove_abandoned, write_atomic
 from app.store.bundle import Bundle

@@ -22,8 +22,14 @@ from typing import Any
 
 import yaml
 
-from app.distribution import reference
-from app.scheduler.config import MODES, ConfigError, RunnerConfig, checked_keep_alive, positive
+from app.oci import reference
+from app.scheduler.runner_config import (
+    MODES,
+    ConfigError,
+    RunnerConfig,
+    checked_keep_alive,
+    positive,
+)
 
 _FIELDS = (
     "model", "gguf", "mode", "context_size", "keep_alive", "parallel", "gpu_layers",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from app.distribution.manifest import Descriptor
+from app.oci.manifest import Descriptor
 
 
 @dataclass(frozen=True)

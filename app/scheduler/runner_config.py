@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from app.scheduler.durations import DurationError, format_keep_alive, parse_keep_alive
+from app.durations import DurationError, format_keep_alive, parse_keep_alive
 
 MODES = ("completion", "embedding")
 # Spelling (DMR's llama.cpp allowlist) -> field it sets; None: accepted, nothing to do.

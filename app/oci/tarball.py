@@ -10,7 +10,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 
-from app.distribution.blobs import BlobSource
+from app.oci.blobs import BlobSource
 
 CHUNK = 1024 * 1024
 MANIFEST_NAME = "manifest.json"

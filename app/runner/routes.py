@@ -1,0 +1,107 @@
+"""The runner's aiohttp application: OpenAI routes on a Unix socket over one engine or embedder.
+
+Handlers stay thin: read the body, let serving do the work, render through protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from app.json_body import InvalidJSON, parse_object
+from app.runner import serving
+from app.runner.chat import TemplateError
+from app.runner.params import ParamError
+from app.runner.protocol import Reply, embeddings_body, error_body, sse
+from app.runner.serving import Collected, InFlight, Runtime
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+) -> web.Response:
+    return web.json_response(error_body(status, message, param, kind), status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ParamError as exc:
+        return openai_error(400, str(exc), exc.param)
+    except InvalidJSON as exc:
+        return openai_error(400, str(exc))
+    except TemplateError as exc:
+        return openai_error(400, str(exc), "messages")
+    except web.HTTPException as exc:
+        return openai_error(exc.status, exc.reason)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    # Checked before the body is read, so an embedding runner refuses whatever is sent.
+    engine = rt.require_engine()
+    body = parse_object(await request.read())
+    with serving.generate(rt, engine, body, chat) as flight:
+        reply = Reply(
+            chat=chat,
+            model=rt.name,
+            include_usage=flight.params.include_usage,
+            logprobs=flight.params.top_logprobs is not None,
+        )
+        if flight.params.stream:
+            return await _stream(request, reply, flight)
+        result = await flight.collect()
+        if isinstance(result, Collected):
+            return web.json_response(reply.whole(result.text, result.logprobs, result.done))
+        return openai_error(500, result.message, kind="server_error")
+
+
+async def _stream(request: web.Request, reply: Reply, flight: InFlight) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    for payload in reply.stream_start():
+        await response.write(sse(payload))
+    async for event in flight.events():
+        for payload in reply.stream_event(event):
+            await response.write(sse(payload))
+    await response.write_eof()
+    return response
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    # Checked before the body is read, so a completion runner refuses whatever is sent.
+    embedder = rt.require_embedder()
+    result = await serving.embed(rt, embedder, parse_object(await request.read()))
+    return web.json_response(
+        embeddings_body(result.vectors, result.encoding, rt.name, result.prompt_tokens)
+    )
+
+
+def create_app(runtime: Runtime) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=10 * 1024 * 1024)
+    app[RUNTIME] = runtime
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    return app

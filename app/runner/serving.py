@@ -1,0 +1,170 @@
+"""What the runner does for a request: request bodies to engine jobs, engine events back out.
+
+Nothing here knows HTTP: routes read the body and render what comes back through protocol.
+Every refusal is a ``ParamError``, which routes answer as an OpenAI 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine.embed import Embedder
+from app.engine.engine import Engine, Event, Failed, Finished, Request, Token, TokenLogprob
+from app.engine.llama import LlamaError, Model
+from app.runner.chat import ChatTemplate
+from app.runner.params import (
+    Generation,
+    ParamError,
+    parse_generation,
+    parse_inputs,
+    parse_messages,
+    parse_prompt,
+)
+
+
+@dataclass
+class Runtime:
+    """The loaded model and whichever side of it this runner serves (engine or embedder)."""
+
+    model: Model
+    name: str
+    ctx_size: int
+    engine: Engine | None = None
+    embedder: Embedder | None = None
+    template: ChatTemplate | None = None
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise ParamError("this model runs in embedding mode")
+        return self.engine
+
+    def require_embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise ParamError(
+                "this model runs in completion mode; embeddings need an embedding runner"
+            )
+        return self.embedder
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A whole generation: its text, the logprobs of every token, and how it ended."""
+
+    text: str
+    logprobs: list[TokenLogprob]
+    done: Finished
+
+
+class InFlight:
+    """A submitted job's parameters and the queue its engine events arrive on."""
+
+    def __init__(self, params: Generation, queue: asyncio.Queue[Event]) -> None:
+        self.params = params
+        self._queue = queue
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event up to and including the last (``Finished`` or ``Failed``)."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if not isinstance(event, Token):
+                return
+
+    async def collect(self) -> Collected | Failed:
+        parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        async for event in self.events():
+            if isinstance(event, Token):
+                parts.append(event.text)
+                logprobs.extend(event.logprobs)
+            elif isinstance(event, Failed):
+                return event
+            else:
+                return Collected("".join(parts), logprobs, event)
+        raise AssertionError("the engine's events end with Finished or Failed")
+
+
+@contextmanager
+def generate(rt: Runtime, engine: Engine, body: dict[str, Any], chat: bool) -> Iterator[InFlight]:
+    """Check the request, submit it, and cancel the job when the caller is done with it."""
+    params = parse_generation(body, rt.model.info.n_vocab, chat)
+    tokens, field = _prompt_tokens(rt, body, chat)
+    if not tokens:
+        raise ParamError(f"the {field} is empty", field)
+    grammar = params.sampling.grammar
+    if grammar and not rt.model.grammar_compiles(grammar):
+        raise ParamError("llama.cpp cannot compile the grammar for this schema", "response_format")
+    if len(tokens) >= rt.ctx_size:
+        raise ParamError(
+            f"the prompt is {len(tokens)} tokens, more than the context size of "
+            f"{rt.ctx_size} tokens allows (it must leave room for at least one more)",
+            field,
+        )
+    max_tokens = min(params.max_tokens or rt.ctx_size, rt.ctx_size - len(tokens))
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    job = Request(
+        prompt=tokens,
+        max_tokens=max_tokens,
+        sampling=params.sampling,
+        stop=params.stop,
+        top_logprobs=params.top_logprobs,
+        # The engine calls this on its own thread; after shutdown the loop may be gone.
+        sink=lambda event: (
+            None if loop.is_closed() else loop.call_soon_threadsafe(queue.put_nowait, event)
+        ),
+    )
+    engine.submit(job)
+    try:
+        yield InFlight(params, queue)
+    finally:
+        # Client gone or done: either way the slot is free for the next request at once.
+        engine.cancel(job)
+
+
+def _prompt_tokens(rt: Runtime, body: dict[str, Any], chat: bool) -> tuple[list[int], str]:
+    """The prompt as tokens, and the request field it came from (for error messages)."""
+    if not chat:
+        prompt = parse_prompt(body, rt.model.info.n_vocab)
+        tokens = prompt if isinstance(prompt, list) else rt.model.tokenize(prompt, True, True)
+        return tokens, "prompt"
+    assert rt.template is not None
+    text = rt.template.render(parse_messages(body), body.get("tools"))
+    bos = rt.model.info.bos_text
+    # Templates that write the BOS themselves must not get a second one from the tokenizer.
+    add_bos = rt.model.info.add_bos and not (bos and text.startswith(bos))
+    return rt.model.tokenize(text, add_special=add_bos, parse_special=True), "messages"
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    encoding: str  # "float" or "base64"
+    prompt_tokens: int
+
+
+async def embed(rt: Runtime, embedder: Embedder, body: dict[str, Any]) -> Embeddings:
+    inputs = parse_inputs(body, rt.model.info.n_vocab)
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise ParamError("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and dims != rt.model.info.n_embd:
+        raise ParamError(
+            f"'dimensions' is not supported: this model's embeddings have {rt.model.info.n_embd}",
+            "dimensions",
+        )
+    vectors: list[list[float]] = []
+    used = 0
+    for item in inputs:
+        tokens = item if isinstance(item, list) else rt.model.tokenize(item, True, True)
+        used += len(tokens)
+        try:
+            vectors.append(await asyncio.to_thread(embedder.embed, tokens))
+        except LlamaError as exc:
+            raise ParamError(str(exc), "input") from None
+    return Embeddings(vectors, encoding, used)

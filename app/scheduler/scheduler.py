@@ -1,0 +1,387 @@
+"""Which runners live: one process per (model, mode), loaded on demand, kept while useful.
+
+- Loads of the same runner are shared; requests to a loaded runner go straight to it and its
+  engine queues what exceeds its slots, up to ``max_queue`` waiting requests (then refused).
+- Before a load, the runner's memory is estimated from its GGUF; the sum over resident runners
+  stays under ``memory_limit``. Room is made by stopping idle runners, least recently used
+  first, then by draining busy ones (no new requests, in-flight ones finish) - but never one
+  that has requests waiting, nor a pinned one. What cannot fit is refused with the numbers.
+- Idle runners leave after their keep_alive (0: at once, None: never).
+- A runner that died (llama.cpp abort, OOM kill) is started again on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from app.logging import get_logger
+from app.scheduler import memory
+from app.scheduler.configs import ModelConfigs
+from app.scheduler.errors import LoadFailed, NoMemory, QueueFull, RunnerBusy, ShuttingDown
+from app.scheduler.launch import Defaults, LaunchSpec, ModelFiles, RunnerKey, plan
+from app.scheduler.process import RunnerProcess
+from app.scheduler.resident import Plan, Resident
+from app.scheduler.runner_config import RunnerConfig
+from app.scheduler.snapshot import RunnerView
+from app.sizes import MIB, mib
+
+log = get_logger("scheduler")
+
+STOP_TIMEOUT_S = 10
+# At shutdown the requests have had their time already (the HTTP server drained them).
+SHUTDOWN_STOP_TIMEOUT_S = 1.5
+# How long a load waits for a busy runner to finish its requests before giving up.
+DRAIN_TIMEOUT_S = 60
+RETRY_AFTER_S = 2
+
+ProcessFactory = Callable[[LaunchSpec, int], Awaitable[RunnerProcess]]
+Estimator = Callable[[LaunchSpec], memory.Estimate]  # blocking: reads the GGUF header
+Timer = Callable[[float, Callable[[], None]], asyncio.TimerHandle]
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int  # bytes the runners' estimates may add up to
+    max_queue: int  # requests waiting beyond a runner's slots
+
+
+@dataclass
+class _Loading:
+    plan: Plan
+    task: asyncio.Task[Resident]
+    admitted: bool = False  # its memory is counted from then on
+
+
+def estimate_from_gguf(spec: LaunchSpec) -> memory.Estimate:
+    return memory.estimate(spec.files.shards, spec.context_size, spec.parallel)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        defaults: Defaults,
+        limits: Limits,
+        start_process: ProcessFactory,
+        estimate: Estimator = estimate_from_gguf,
+        configs: ModelConfigs | None = None,
+        timer: Timer | None = None,
+    ) -> None:
+        self.defaults = defaults
+        self.limits = limits
+        self.configs = configs or ModelConfigs()
+        self._start_process = start_process
+        self._estimate = estimate
+        self._timer = timer
+        self._residents: dict[RunnerKey, Resident] = {}
+        self._loading: dict[RunnerKey, _Loading] = {}
+        self._wanted: Counter[RunnerKey] = Counter()  # requests waiting for a runner to load
+        self._stopping: set[Resident] = set()  # still holding their memory until they exit
+        self._admission = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- requests ------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, key: RunnerKey, name: str, files: Callable[[], ModelFiles]
+    ) -> AsyncIterator[RunnerProcess]:
+        """The runner for a request, counted as in use (never evicted) until the block ends.
+        ``files`` (blocking) is called only when the runner has to be started."""
+        self._check_queue(key, name)
+        self._wanted[key] += 1
+        try:
+            resident = await self._get(key, name, files)
+        finally:
+            self._wanted[key] -= 1
+        resident.in_use += 1
+        resident.idle.clear()
+        if resident.expiry is not None:
+            resident.expiry.cancel()
+            resident.expiry = None
+        try:
+            yield resident.process
+        finally:
+            self._release(resident)
+
+    def _check_queue(self, key: RunnerKey, name: str) -> None:
+        resident = self._residents.get(key)
+        loading = self._loading.get(key)
+        plan_ = resident.plan if resident else loading.plan if loading else None
+        slots = plan_.spec.parallel if plan_ else self.defaults.parallel
+        pending = (resident.in_use if resident else 0) + self._wanted[key]
+        if pending >= slots + self.limits.max_queue:
+            raise QueueFull(
+                f"too many requests for {name}: {slots} running and "
+                f"{pending - slots} waiting (MODEL_RUNNER_MAX_QUEUE={self.limits.max_queue});"
+                " retry later",
+                retry_after=RETRY_AFTER_S,
+            )
+
+    async def _get(self, key: RunnerKey, name: str, files: Callable[[], ModelFiles]) -> Resident:
+        while True:
+            if self._closing:
+                raise ShuttingDown("the service is shutting down")
+            resident = self._residents.get(key)
+            if resident is not None and resident.process.alive and not resident.draining:
+                return resident
+            if resident is not None and not resident.draining:
+                log.warning(
+                    "runner died; starting it again",
+                    model=name,
+                    mode=key.mode,
+                    exit_code=resident.process.exit_code,
+                )
+                await self._stop(resident)
+            if resident is not None:  # draining: it is kept (requests wait) or stopped
+                await resident.idle.wait()
+                await asyncio.sleep(0.01)
+                continue
+            loading = self._loading.get(key)
+            if loading is None:
+                plan_ = await self._plan(key, name, files)
+                if key in self._residents or key in self._loading:
+                    continue  # another request loaded it, or began to, while this one planned
+                task = asyncio.create_task(self._load(plan_))
+                loading = self._loading[key] = _Loading(plan_, task)
+                task.add_done_callback(lambda t: self._loaded(key, t))
+            return await asyncio.shield(loading.task)
+
+    def _loaded(self, key: RunnerKey, task: asyncio.Task[Resident]) -> None:
+        """Record a runner even when every request waiting for it went away meanwhile."""
+        self._loading.pop(key, None)
+        if not task.cancelled() and task.exception() is None:
+            resident = task.result()
+            self._residents[key] = resident
+            resident.idle.set()
+            self._schedule_expiry(resident)
+
+    def _release(self, resident: Resident) -> None:
+        resident.in_use -= 1
+        resident.last_used = time.time()
+        if resident.in_use > 0:
+            return
+        resident.idle.set()
+        if not resident.draining:
+            self._schedule_expiry(resident)
+
+    # -- keep_alive ----------------------------------------------------------------------
+    def _schedule_expiry(self, resident: Resident) -> None:
+        spec = resident.plan.spec
+        if resident.in_use or spec.pinned or spec.keep_alive is None:
+            return
+        resident.expiry = self._call_later(
+            spec.keep_alive, lambda: self._background(self._expire(resident))
+        )
+
+    def _call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        if self._timer is not None:
+            return self._timer(delay, callback)
+        # The expiry belongs to no request: an empty context keeps request ids out of its logs.
+        return asyncio.get_running_loop().call_later(delay, callback, context=contextvars.Context())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _expire(self, resident: Resident) -> None:
+        if self._residents.get(resident.key) is resident and not resident.in_use:
+            if self._wanted[resident.key]:
+                return
+            log.info("runner idle past its keep_alive; stopping it", model=resident.name)
+            await self._stop(resident)
+
+    # -- planning and admission ----------------------------------------------------------
+    async def _plan(self, key: RunnerKey, name: str, files: Callable[[], ModelFiles]) -> Plan:
+        config = self.configs.effective(key)
+        found = await asyncio.to_thread(files)
+        spec = plan(key, name, found, config, self.defaults, self.configs.is_pinned(key))
+        try:
+            estimate = await asyncio.to_thread(self._estimate, spec)
+        except memory.EstimateError as exc:
+            raise LoadFailed(f"unable to load runner: {exc}") from None
+        return Plan(spec, estimate)
+
+    async def _load(self, plan_: Plan) -> Resident:
+        key = plan_.spec.key
+        async with self._admission:
+            await self._make_room(key, plan_)
+            self._loading[key].admitted = True
+        return await self._start(plan_)
+
+    async def _make_room(self, key: RunnerKey, plan_: Plan) -> None:
+        """Stop or drain other runners until ``plan_`` fits; refuse when it never can."""
+        need, limit = plan_.estimate.total, self.limits.memory
+        if need > limit:
+            raise NoMemory(
+                f"{plan_.name} needs about {mib(need)} ({_breakdown(plan_)}), more than the "
+                f"memory limit of {mib(limit)} (MODEL_RUNNER_MEMORY_LIMIT)"
+            )
+        while True:
+            loading = sum(
+                lo.plan.estimate.total
+                for k, lo in self._loading.items()
+                if lo.admitted and k != key
+            )
+            stopping = sum(r.plan.estimate.total for r in self._stopping)
+            resident = sum(r.plan.estimate.total for r in self._residents.values())
+            used = loading + stopping + resident
+            if used + need <= limit:
+                return
+            if used - stopping + need <= limit:  # it fits once those runners have exited
+                await asyncio.gather(*(r.stopped.wait() for r in list(self._stopping)))
+                continue
+            movable = [r for r in self._residents.values() if self._evictable(r)]
+            stuck = used - stopping - sum(r.plan.estimate.total for r in movable)
+            if stuck + need > limit:
+                held = ", ".join(
+                    f"{r.name} {mib(r.plan.estimate.total)}"
+                    + (" pinned" if r.plan.spec.pinned else f" {r.in_use} requests")
+                    for r in self._residents.values()
+                    if r not in movable
+                )
+                raise NoMemory(
+                    f"cannot load {plan_.name}: it needs about {mib(need)} and "
+                    f"{mib(stuck)} of the {mib(limit)} memory limit is held by "
+                    f"runners that cannot be stopped now ({held or 'models loading'}); "
+                    "retry later",
+                    retry_after=RETRY_AFTER_S,
+                )
+            victim = min(movable, key=lambda r: (r.in_use > 0, r.last_used))
+            if victim.in_use:
+                if not await self._drain(victim, plan_):
+                    continue  # requests came for it meanwhile: it stays
+            else:
+                log.info("stopping idle runner for room", model=victim.name, for_model=plan_.name)
+            await self._stop(victim)
+
+    async def _drain(self, victim: Resident, plan_: Plan) -> bool:
+        """Let a busy runner finish its requests, taking no new ones; False if some now wait."""
+        victim.draining = True
+        log.info(
+            "draining runner to make room",
+            model=victim.name,
+            in_flight=victim.in_use,
+            for_model=plan_.name,
+        )
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await victim.idle.wait()
+        except TimeoutError:
+            raise NoMemory(
+                f"cannot load {plan_.name}: {victim.name} is still serving requests after "
+                f"{DRAIN_TIMEOUT_S} s and there is no memory for both; retry later",
+                retry_after=RETRY_AFTER_S,
+            ) from None
+        finally:
+            victim.draining = False
+        return not self._wanted[victim.key]
+
+    def _evictable(self, resident: Resident) -> bool:
+        """Not pinned, and no request waiting for it: a model in demand is not swapped out."""
+        if not resident.process.alive:
+            return True
+        return not (resident.plan.spec.pinned or resident.waiting or self._wanted[resident.key])
+
+    async def _start(self, plan_: Plan) -> Resident:
+        started = time.monotonic()
+        process = await self._start_process(plan_.spec, plan_.estimate.ctx_per_slot)
+        try:
+            await process.wait_ready()
+        except BaseException:
+            await process.stop(SHUTDOWN_STOP_TIMEOUT_S if self._closing else STOP_TIMEOUT_S)
+            raise
+        log.info(
+            "runner ready",
+            model=plan_.name,
+            mode=plan_.spec.key.mode,
+            pid=process.pid,
+            seconds=round(time.monotonic() - started, 2),
+            memory_estimate_mib=round(plan_.estimate.total / MIB),
+        )
+        return Resident(plan_, process)
+
+    # -- control -------------------------------------------------------------------------
+    def snapshot(self) -> list[RunnerView]:
+        """Runners loading, then runners loaded: what ``/engines/ps`` shows."""
+        loading = [
+            RunnerView.of(lo.plan.spec, lo.plan.estimate, True) for lo in self._loading.values()
+        ]
+        return loading + [r.view() for r in self._residents.values()]
+
+    def _detach(self, resident: Resident) -> None:
+        """No request can get this runner from now on (it is about to stop)."""
+        if self._residents.get(resident.key) is resident:
+            del self._residents[resident.key]
+        if resident.expiry is not None:
+            resident.expiry.cancel()
+
+    async def _stop(self, resident: Resident, timeout: float = STOP_TIMEOUT_S) -> None:
+        self._detach(resident)
+        self._stopping.add(resident)
+        try:
+            await resident.process.stop(timeout)
+        finally:
+            self._stopping.discard(resident)
+            resident.stopped.set()
+        log.info("runner stopped", model=resident.name, mode=resident.key.mode)
+
+    async def unload(self, model_ids: set[str] | None) -> int:
+        """Stop idle runners of these models (all when None); busy ones are left alone."""
+        idle = [
+            r
+            for r in list(self._residents.values())
+            if not r.in_use and (model_ids is None or r.key.model_id in model_ids)
+        ]
+        for resident in idle:  # now, before any await lets a request take one
+            self._detach(resident)
+        self.configs.clear_overrides(model_ids)
+        await asyncio.gather(*(self._stop(r) for r in idle))
+        return len(idle)
+
+    async def configure(self, key: RunnerKey, config: RunnerConfig) -> bool:
+        """Set a model's configuration; False when it is unchanged. Refused while its runner
+        serves or loads; an idle runner stops, to start again with it."""
+        config = self.configs.over_base(key, config)
+        if self.configs.effective(key) == config:
+            return False
+        resident = self._residents.get(key)
+        if key in self._loading or self._wanted[key] or (resident is not None and resident.in_use):
+            raise RunnerBusy("runner already active")
+        self.configs.override(key, config)
+        if resident is not None:
+            await self._stop(resident)
+        return True
+
+    async def close(self) -> None:
+        """Refuse new loads and stop every runner, at once: called once the HTTP server has
+        given the requests in flight their MODEL_RUNNER_SHUTDOWN_TIMEOUT."""
+        self._closing = True
+        loads = [loading.task for loading in self._loading.values()]
+        for task in [*loads, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*loads, *self._tasks, return_exceptions=True)
+        # Runners that were being stopped (keep_alive, unload) had their tasks cancelled above.
+        await asyncio.gather(
+            *(
+                r.process.stop(SHUTDOWN_STOP_TIMEOUT_S)
+                for r in {*self._residents.values(), *self._stopping}
+            ),
+            return_exceptions=True,
+        )
+        self._residents.clear()
+
+
+def _breakdown(plan_: Plan) -> str:
+    est = plan_.estimate
+    return (
+        f"weights {mib(est.weights)}, KV cache {mib(est.kv_cache)} for "
+        f"{plan_.spec.parallel}x{est.ctx_per_slot} tokens, compute {mib(est.compute)}"
+    )

@@ -1,0 +1,71 @@
+"""The one inference backend, llama.cpp: its name in DMR's routes, and what it can use here
+(``/engines/status``), asked of a child process so that a broken build cannot take the
+service down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from app import errors
+from app.logging import get_logger
+from app.runner import SOURCE_ROOT
+
+log = get_logger("backend")
+BACKEND = "llama.cpp"
+
+
+def check_backend(name: str | None) -> None:
+    """DMR's answer for a route naming a backend other than ours (None: not named)."""
+    if name is not None and name != BACKEND:
+        raise errors.NotFound("backend not found")
+
+
+class BackendProbe:
+    def __init__(self, gpu_layers: int | None) -> None:
+        self.gpu_layers = gpu_layers
+        self.found: dict[str, Any] = {}  # what the probe found; empty until it answers
+
+    async def run(self) -> None:
+        """Ask a child process what llama.cpp can use, and say it in the log."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "app.runner.probe",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=SOURCE_ROOT,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        try:
+            self.found = json.loads(out)
+        except ValueError:
+            tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            self.found = {"installed": True, "error": f"the llama.cpp probe failed: {tail[0]}"}
+        found = self.found
+        if not found.get("installed"):
+            log.warning("llama.cpp is not installed", error=found.get("error"))
+        elif "error" in found:
+            log.error("backend unusable", error=found["error"])
+        else:
+            gpu = self.gpu_layers
+            log.info(
+                "backend",
+                llama_cpp_python=found["version"],
+                device=found["device"],
+                gpu_layers="all" if gpu is None and found["gpu_offload"] else gpu or 0,
+                note=None
+                if found["gpu_offload"]
+                else "no GPU found (or this llama.cpp build has no GPU offload); "
+                "inference runs on the CPU",
+            )
+
+    def status(self) -> dict[str, str]:
+        b = self.found
+        if not b:
+            return {BACKEND: "Installing: checking llama.cpp"}
+        if not b.get("installed"):
+            return {BACKEND: f"Not Installed: llama-cpp-python is missing ({b.get('error')})"}
+        if "error" in b:
+            return {BACKEND: f"Error: {b['error']}"}
+        return {BACKEND: f"Running: llama.cpp (llama-cpp-python {b['version']}) on {b['device']}"}
