@@ -479,3 +479,24 @@ def test_no_orphan_runner_after_the_service_is_killed(start: Callable[..., Serve
     assert len(pids) == 2
     srv.stop(signal.SIGKILL)
     wait_for("the runners to exit", lambda: not any(alive(pid) for pid in pids), timeout=10)
+
+
+def test_a_model_that_fails_to_load_twice_is_refused_at_once(
+    start: Callable[..., Server], tmp_path: Path
+):
+    # The header is whole (the estimate passes) but the last tensor's data is cut short:
+    # the runner starts, llama.cpp refuses the file, the runner exits.
+    gguf = write_tiny_gguf(tmp_path / "cut.gguf", seed=7)
+    data = gguf.read_bytes()
+    gguf.write_bytes(data[: len(data) - 64])
+    srv = start()
+    srv.cli("package", "--gguf", str(gguf), "--load", "cut")
+    for _ in range(2):
+        status, text, _ = call(srv, "POST", "/v1/completions", {"model": "cut", "prompt": "x"})
+        assert status == 500
+        assert "the runner exited with code 1 while loading the model: failed to load" in text
+    status, text, headers = call(srv, "POST", "/v1/completions", {"model": "cut", "prompt": "x"})
+    assert status == 500 and "failed to load 2 times in the last 60 s" in text
+    assert 0 < int(headers["Retry-After"]) <= 60
+    assert srv.log().count("runner says") >= 2  # its own words reached the log, twice
+    assert chat(srv, "a") == 200  # other models are not affected

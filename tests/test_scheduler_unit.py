@@ -24,6 +24,7 @@ from app.scheduler.launch import (
     RunnerKey,
     plan,
 )
+from app.scheduler.process import describe_exit, last_words
 from app.scheduler.runner_config import RunnerConfig
 from app.scheduler.scheduler import Limits, Scheduler
 from app.sizes import MIB
@@ -123,6 +124,7 @@ def make(
     limit: int = 10 * RUNNER,
     max_queue: int = 64,
     timers: Timers | None = None,
+    clock: Callable[[], float] = lambda: 0.0,
     **defaults: Any,
 ) -> Scheduler:
     return Scheduler(
@@ -131,6 +133,7 @@ def make(
         runners,
         estimate=fake_estimate,
         timer=timers,
+        clock=clock,
     )
 
 
@@ -236,6 +239,49 @@ async def test_a_failed_load_is_the_requests_error_and_leaves_nothing_behind():
     with pytest.raises(LoadFailed, match="bad GGUF"):
         await use(s, "a")
     assert s.snapshot() == [] and not runners.started[0].alive
+
+
+@run
+async def test_a_runner_that_fails_to_load_twice_is_held_back_for_a_minute():
+    runners = Runners(fail_with="the runner was killed by SIGSEGV while loading the model")
+    now = [100.0]
+    s = make(runners, clock=lambda: now[0])
+    for _ in range(2):
+        with pytest.raises(LoadFailed):
+            await use(s, "a")
+    now[0] += 10
+    with pytest.raises(LoadFailed) as held_back:
+        await use(s, "a")
+    assert len(runners.started) == 2  # refused at once: no third start
+    assert held_back.value.retry_after == 50
+    assert "failed to load 2 times in the last 60 s" in str(held_back.value)
+    assert "SIGSEGV" in str(held_back.value)
+    now[0] += 51  # the first failure has left the window: one more try
+    with pytest.raises(LoadFailed):
+        await use(s, "a")
+    assert len(runners.started) == 3
+    runners.fail_with = None
+    await s.configure(key("a"), RunnerConfig(context_size=512))  # a new configuration: try now
+    await use(s, "a")
+    assert resident(s) == {"a"}
+
+
+def test_how_a_runner_died_in_one_line():
+    assert describe_exit(-11) == "was killed by SIGSEGV"
+    assert describe_exit(1) == "exited with code 1"
+    crash = (
+        "Fatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n"
+        '  File "/app/app/engine/llama.py", line 61 in __init__\n'
+        '  File "/app/app/runner/__main__.py", line 54 in main\n'
+    )
+    assert last_words(crash) == (
+        ': Fatal Python error: Segmentation fault (File "/app/app/engine/llama.py", line 61 in '
+        "__init__)"
+    )
+    assert last_words("loading\nfailed to load model: bad magic\n") == (
+        ": failed to load model: bad magic"
+    )
+    assert last_words("") == ""
 
 
 # -- memory-aware eviction ---------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -17,20 +17,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from app.runner import lifeline
+
 if TYPE_CHECKING:
     from app.engine.engine import Engine
-
-
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the front dies, even by SIGKILL, so no runner is orphaned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent is already gone
-        sys.exit(1)
 
 
 def main() -> int:
@@ -46,8 +36,16 @@ def main() -> int:
         "--gpu-layers", type=int, default=-1, help="-1: all when llama.cpp can offload, else 0"
     )
     ap.add_argument("--chat-template", type=Path, help="Jinja template overriding the GGUF's")
+    ap.add_argument(
+        "--exit-with-stdin",
+        action="store_true",
+        help="stop when stdin reaches end-of-file (the front holds its other end)",
+    )
     args = ap.parse_args()
-    _die_with_parent()
+    # A crash in llama.cpp or a GPU driver then leaves a Python stack in the front's log.
+    faulthandler.enable()
+    if args.exit_with_stdin:
+        lifeline.watch()
 
     # Imported here so that argument errors come back fast, before llama.cpp loads.
     from app.engine.embed import Embedder

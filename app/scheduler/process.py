@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -86,9 +87,12 @@ class RunnerLauncher:
         ]  # fmt: skip
         if spec.files.chat_template is not None:
             args += ["--chat-template", str(spec.files.chat_template)]
+        # stdin is the runner's lifeline (app/runner/lifeline.py): this process holds the pipe's
+        # only write end, so the runner sees end-of-file when the service is gone.
+        args.append("--exit-with-stdin")
         proc = await asyncio.create_subprocess_exec(
             *args,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             cwd=SOURCE_ROOT,
@@ -135,8 +139,8 @@ class LlamaRunnerProcess:
             if not self.alive:
                 await asyncio.gather(self._reader, return_exceptions=True)
                 raise LoadFailed(
-                    f"unable to load runner: the runner exited with code {self.exit_code}: "
-                    f"{self.tail()}"
+                    f"unable to load runner: the runner {describe_exit(self.exit_code)} while "
+                    f"loading the model{last_words(self.tail())}"
                 )
             if self._socket.exists():
                 with contextlib.suppress(aiohttp.ClientError, OSError):
@@ -174,9 +178,36 @@ class LlamaRunnerProcess:
         if self._stopped:
             return
         self._stopped = True
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
         await self._session.close()
         await asyncio.gather(self._reader, return_exceptions=True)
         self._socket.unlink(missing_ok=True)
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, as people say it: "was killed by SIGSEGV", "exited with code 1"."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def last_words(tail: str) -> str:
+    """Why a runner died, from what it printed last, as the end of a one-line message: a
+    crash's Python error with its innermost frame (faulthandler's report), else its last line."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal Python error")), None)
+    if fatal is None:
+        return f": {lines[-1]}"
+    frame = next((line for line in lines[fatal:] if line.startswith("File ")), None)
+    return f": {lines[fatal]}" + (f" ({frame})" if frame else "")
 
 
 def runner_env() -> dict[str, str]:

@@ -25,8 +25,9 @@ from app.logging import get_logger
 from app.scheduler import memory
 from app.scheduler.configs import ModelConfigs
 from app.scheduler.errors import LoadFailed, NoMemory, QueueFull, RunnerBusy, ShuttingDown
+from app.scheduler.failures import LoadFailures
 from app.scheduler.launch import Defaults, LaunchSpec, ModelFiles, RunnerKey, plan
-from app.scheduler.process import RunnerProcess
+from app.scheduler.process import RunnerProcess, describe_exit
 from app.scheduler.resident import Plan, Resident
 from app.scheduler.runner_config import RunnerConfig
 from app.scheduler.snapshot import RunnerView
@@ -72,6 +73,7 @@ class Scheduler:
         estimate: Estimator = estimate_from_gguf,
         configs: ModelConfigs | None = None,
         timer: Timer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.defaults = defaults
         self.limits = limits
@@ -79,6 +81,7 @@ class Scheduler:
         self._start_process = start_process
         self._estimate = estimate
         self._timer = timer
+        self._failed_loads = LoadFailures(clock)
         self._residents: dict[RunnerKey, Resident] = {}
         self._loading: dict[RunnerKey, _Loading] = {}
         self._wanted: Counter[RunnerKey] = Counter()  # requests waiting for a runner to load
@@ -136,7 +139,7 @@ class Scheduler:
                     "runner died; starting it again",
                     model=name,
                     mode=key.mode,
-                    exit_code=resident.process.exit_code,
+                    how=describe_exit(resident.process.exit_code),
                 )
                 await self._stop(resident)
             if resident is not None:  # draining: it is kept (requests wait) or stopped
@@ -145,6 +148,7 @@ class Scheduler:
                 continue
             loading = self._loading.get(key)
             if loading is None:
+                self._failed_loads.check(key, name)
                 plan_ = await self._plan(key, name, files)
                 if key in self._residents or key in self._loading:
                     continue  # another request loaded it, or began to, while this one planned
@@ -156,7 +160,13 @@ class Scheduler:
     def _loaded(self, key: RunnerKey, task: asyncio.Task[Resident]) -> None:
         """Record a runner even when every request waiting for it went away meanwhile."""
         self._loading.pop(key, None)
-        if not task.cancelled() and task.exception() is None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, LoadFailed):
+            self._failed_loads.record(key, error)
+        if error is None:
+            self._failed_loads.forget(key=key)
             resident = task.result()
             self._residents[key] = resident
             resident.idle.set()
@@ -343,6 +353,7 @@ class Scheduler:
         for resident in idle:  # now, before any await lets a request take one
             self._detach(resident)
         self.configs.clear_overrides(model_ids)
+        self._failed_loads.forget(model_ids)
         await asyncio.gather(*(self._stop(r) for r in idle))
         return len(idle)
 
@@ -356,6 +367,7 @@ class Scheduler:
         if key in self._loading or self._wanted[key] or (resident is not None and resident.in_use):
             raise RunnerBusy("runner already active")
         self.configs.override(key, config)
+        self._failed_loads.forget(key=key)  # a new configuration deserves a new try
         if resident is not None:
             await self._stop(resident)
         return True

@@ -15,7 +15,7 @@ from app import errors
 from app.logging import get_logger
 from app.oci import reference
 from app.scheduler.launch import COMPLETION, EMBEDDING, ModelFiles, RunnerKey
-from app.scheduler.process import RunnerProcess
+from app.scheduler.process import RunnerProcess, describe_exit
 from app.scheduler.scheduler import Scheduler
 from app.service.backend import check_backend
 from app.store import IndexEntry, ModelNotFound, ModelStore
@@ -136,6 +136,7 @@ async def _chunks(upstream: aiohttp.ClientResponse, process: RunnerProcess) -> A
 
 
 def _failure(exc: Exception, process: RunnerProcess) -> str:
-    message = f"the model runner failed: {exc}. {process.tail()}".strip()
+    how = "" if process.alive else f" (it {describe_exit(process.exit_code)})"
+    message = f"the model runner failed: {exc}{how}. {process.tail()}".strip()
     log.error("runner failed mid-request", error=message)
     return message
