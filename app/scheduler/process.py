@@ -30,7 +30,7 @@ from app.scheduler.launch import LaunchSpec
 log = get_logger("runners")
 
 READY_TIMEOUT_S = 300
-_STDERR_LINES = 20
+_OUTPUT_LINES = 20
 
 
 class RunnerProcess(Protocol):
@@ -59,7 +59,7 @@ class RunnerProcess(Protocol):
         """Send a request to one of its OpenAI routes; aiohttp's errors when it dies."""
 
     def tail(self) -> str:
-        """Its last lines on stderr: why it died, when it did."""
+        """Its last lines of output: why it died, when it did."""
 
 
 class RunnerLauncher:
@@ -93,8 +93,9 @@ class RunnerLauncher:
         proc = await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            # Both of its outputs reach the log: llama.cpp and GPU drivers write to either.
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             cwd=SOURCE_ROOT,
             env=runner_env(),
         )
@@ -110,11 +111,11 @@ class LlamaRunnerProcess:
         self._proc = proc
         self._socket = socket
         self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket)))
-        self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        self._output: deque[str] = deque(maxlen=_OUTPUT_LINES)
         logger = log.bind(model=spec.name, mode=spec.key.mode, pid=proc.pid)
         # An empty context: the runner's lines must not carry the first request's id.
         self._reader = asyncio.create_task(
-            _collect(proc, self._stderr, logger), context=contextvars.Context()
+            _collect(proc, self._output, logger), context=contextvars.Context()
         )
         self._stopped = False
 
@@ -131,7 +132,7 @@ class LlamaRunnerProcess:
         return self._proc.returncode
 
     def tail(self) -> str:
-        return "\n".join(self._stderr)
+        return "\n".join(self._output)
 
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -226,8 +227,8 @@ async def _collect(
     lines: deque[str],
     logger: structlog.typing.FilteringBoundLogger,
 ) -> None:
-    assert proc.stderr is not None
-    async for raw in proc.stderr:
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
         text = raw.decode("utf-8", "replace").rstrip()
         if text:
             lines.append(text)
