@@ -71,6 +71,13 @@ class Tensor:
 class Header:
     metadata: dict[str, Any]
     tensors: tuple[Tensor, ...]
+    data_size: int  # bytes from the (aligned) start of the tensor data to the end of the file
+
+    def tensor_bytes(self) -> dict[str, int]:
+        """Each tensor's size in the file, whatever its type: the distance to the next one."""
+        ordered = sorted(self.tensors, key=lambda t: t.offset)
+        ends = [t.offset for t in ordered[1:]] + [self.data_size] if ordered else []
+        return {t.name: max(0, end - t.offset) for t, end in zip(ordered, ends, strict=True)}
 
 
 def read_metadata(path: Path, wanted: set[str]) -> dict[str, Any]:
@@ -93,8 +100,10 @@ def read_header(path: Path, max_array_items: int) -> Header:
         tensor_count, kv_count = header.preamble()
         metadata = header.everything(kv_count, max_array_items)
         tensors = tuple(header.tensor() for _ in range(tensor_count))
-        header.check_data(tensors, metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-        return Header(metadata, tensors)
+        data_start = header.check_data(
+            tensors, metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        )
+        return Header(metadata, tensors, header.end - data_start)
 
 
 class _Header:
@@ -159,15 +168,16 @@ class _Header:
         shape = tuple(self.unpack("<Q") for _ in range(n_dims))
         return Tensor(name, shape, type=self.unpack("<I"), offset=self.unpack("<Q"))
 
-    def check_data(self, tensors: tuple[Tensor, ...], alignment: Any) -> None:
-        """A file cut short (an interrupted copy) loses its last tensors: refuse it now rather
-        than when a runner loads it."""
+    def check_data(self, tensors: tuple[Tensor, ...], alignment: Any) -> int:
+        """Where the tensor data starts. A file cut short (an interrupted copy) loses its last
+        tensors: refuse it now rather than when a runner loads it."""
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
             raise HeaderError(f"invalid general.alignment {alignment!r}")
         data_start = -(-self.f.tell() // alignment) * alignment
         for t in tensors:
             if t.n_elements and data_start + t.offset >= self.end:
                 raise HeaderError(f"tensor {t.name!r} lies past the end of the file (truncated?)")
+        return data_start
 
     def check(self, n: int) -> None:
         if n > self.end - self.f.tell():

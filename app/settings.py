@@ -42,14 +42,17 @@ class Settings:
     docker_config: Path = Path.home() / ".docker" / "config.json"
     # Extra browser origins allowed to call the API (DMR_ORIGINS), beside localhost's.
     origins: tuple[str, ...] = ()
-    # Sequences one runner decodes together (continuous batching slots).
-    parallel: int = 4
-    # CPU threads per runner.
-    threads: int = os.cpu_count() or 2
+    # Sequences one runner decodes together (continuous batching slots); None: 4 on a CPU,
+    # sized from the GPUs' memory (8 to 64) with a GPU.
+    parallel: int | None = None
+    # CPU threads per runner; None: every core, or 4 with a GPU.
+    threads: int | None = None
     # GPU layers per runner; None: all when llama.cpp was built with offload, else none.
     gpu_layers: int | None = None
     # Idle runners leave after this many seconds; None: never (MODEL_RUNNER_KEEP_ALIVE=-1).
     keep_alive: float | None = 300.0
+    # What the runners' estimates may add up to on each GPU: a size, or a share of its memory.
+    gpu_memory_limit: str = "90%"
     # Bytes the runners' estimated memory may add up to.
     memory_limit: int = field(
         default_factory=lambda: int(sizes.machine_memory() * sizes.DEFAULT_SHARE)
@@ -85,6 +88,7 @@ class Settings:
             host=_get(env, "MODEL_RUNNER_HOST") or cls.host,
             parallel=_positive(env, "MODEL_RUNNER_PARALLEL", cls.parallel),
             threads=_positive(env, "MODEL_RUNNER_THREADS", cls.threads),
+            gpu_memory_limit=_gpu_memory_limit(env, "MODEL_RUNNER_GPU_MEMORY_LIMIT"),
             origins=tuple(o.strip() for o in _get(env, "DMR_ORIGINS").split(",") if o.strip()),
             gpu_layers=_gpu_layers(env, "MODEL_RUNNER_GPU_LAYERS"),
             keep_alive=_keep_alive(env, "MODEL_RUNNER_KEEP_ALIVE", cls.keep_alive),
@@ -122,7 +126,7 @@ def _ports(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     return tuple(_port({name: p}, name, 0) for p in items)
 
 
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+def _positive(env: Mapping[str, str], name: str, default: int | None) -> int | None:
     raw = _get(env, name)
     if not raw:
         return default
@@ -187,6 +191,17 @@ def _memory_limit(env: Mapping[str, str], name: str) -> int:
     if limit <= 0:
         raise SettingsError(f"{name}={raw!r}: must be more than 0 bytes")
     return limit
+
+
+def _gpu_memory_limit(env: Mapping[str, str], name: str) -> str:
+    raw = _get(env, name) or Settings.gpu_memory_limit
+    try:
+        # Checked against a made-up 80 GiB device: each GPU's own total applies at run time.
+        if sizes.parse_size(raw, 80 * 2**30) <= 0:
+            raise ValueError("must be more than 0 bytes")
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    return raw
 
 
 def _manifest(env: Mapping[str, str], name: str) -> Path | None:

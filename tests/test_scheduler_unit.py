@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.scheduler import memory
+from app.scheduler.devices import HOST, Device
 from app.scheduler.errors import LoadFailed, NoMemory, QueueFull, RunnerBusy, ShuttingDown
 from app.scheduler.launch import (
     COMPLETION,
@@ -39,9 +40,10 @@ _pids = itertools.count(1000)
 class FakeProcess:
     """What the scheduler sees of a runner (the RunnerProcess interface), without llama.cpp."""
 
-    def __init__(self, spec: LaunchSpec, ctx_per_slot: int, ready: asyncio.Event) -> None:
+    def __init__(self, spec: LaunchSpec, estimate: memory.Estimate, ready: asyncio.Event) -> None:
         self.spec = spec
-        self.ctx_per_slot = ctx_per_slot
+        self.estimate = estimate
+        self.ctx_per_slot = estimate.ctx_per_slot
         self.pid = next(_pids)
         self.exit_code: int | None = None
         self.load_error: str | None = None
@@ -82,8 +84,8 @@ class Runners:
     def __post_init__(self) -> None:
         self.ready.set()
 
-    async def __call__(self, spec: LaunchSpec, ctx_per_slot: int) -> FakeProcess:
-        process = FakeProcess(spec, ctx_per_slot, self.ready)
+    async def __call__(self, spec: LaunchSpec, estimate: memory.Estimate) -> FakeProcess:
+        process = FakeProcess(spec, estimate, self.ready)
         process.load_error = self.fail_with
         self.started.append(process)
         return process
@@ -115,8 +117,16 @@ class Timers:
         await settle()
 
 
-def fake_estimate(spec: LaunchSpec) -> memory.Estimate:
-    return memory.Estimate(spec.context_size, weights=100 * MIB, kv_cache=0, compute=0)
+def fake_estimate(
+    spec: LaunchSpec, gpus: tuple[Device, ...], budgets: Mapping[str, int]
+) -> memory.Estimate:
+    """100 MiB of weights; with a GPU, the same again on each GPU whose model name says so
+    ("a@CUDA0"), the weights staying on the host too (as a partly offloaded model's would)."""
+    est = memory.Estimate(spec.context_size, weights=100 * MIB, kv_cache=0, compute=0)
+    on = [g.name for g in gpus if spec.name.endswith(f"@{g.name}")]
+    if not on:
+        return est
+    return replace(est, gpu_layers=99, by_device=((HOST, RUNNER), *((g, 100 * MIB) for g in on)))
 
 
 def make(
@@ -125,13 +135,19 @@ def make(
     max_queue: int = 64,
     timers: Timers | None = None,
     clock: Callable[[], float] = lambda: 0.0,
+    gpus: tuple[Device, ...] = (),
+    gpu_limit: str = "90%",
     **defaults: Any,
 ) -> Scheduler:
+    async def devices() -> tuple[Device, ...]:
+        return gpus
+
     return Scheduler(
         Defaults(**{**DEFAULTS.__dict__, **defaults}),
-        Limits(memory=limit, max_queue=max_queue),
+        Limits(memory=limit, max_queue=max_queue, gpu_memory=gpu_limit),
         runners,
         estimate=fake_estimate,
+        devices=devices,
         timer=timers,
         clock=clock,
     )

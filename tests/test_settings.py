@@ -67,6 +67,10 @@ def test_values_from_env(tmp_path: Path):
         ("MODEL_RUNNER_MANIFEST", "/no/such/models.yaml"),
         ("MODEL_RUNNER_MANIFEST", "/tmp"),
         ("MODEL_RUNNER_MEMORY_LIMIT", "x%"),
+        ("MODEL_RUNNER_GPU_MEMORY_LIMIT", "most"),
+        ("MODEL_RUNNER_GPU_MEMORY_LIMIT", "0%"),
+        ("MODEL_RUNNER_GPU_MEMORY_LIMIT", "120%"),
+        ("MODEL_RUNNER_PARALLEL", "0"),
     ],
 )
 def test_bad_value_names_the_variable(var: str, value: str):
@@ -96,6 +100,11 @@ def test_scheduler_settings():
         60,
     )
     assert s.preload_models == ("ai/a", "ai/b")
+    # Unset, slots, threads and the GPU budget are decided per device (app/scheduler/launch.py).
+    defaults = Settings.from_env({})
+    assert (defaults.parallel, defaults.threads, defaults.gpu_memory_limit) == (None, None, "90%")
+    for text in ("75%", "20g"):
+        assert Settings.from_env({"MODEL_RUNNER_GPU_MEMORY_LIMIT": text}).gpu_memory_limit == text
     # Binary units, as Docker's --memory.
     for text in ("8g", "8G", "8GB", "8GiB", str(8 * 1024**3)):
         assert Settings.from_env({"MODEL_RUNNER_MEMORY_LIMIT": text}).memory_limit == 8 * 1024**3

@@ -112,10 +112,10 @@ def create_app(
 
     async def inference_stack(app: web.Application) -> AsyncIterator[None]:
         launcher = RunnerLauncher()
-        scheduler = Scheduler(_defaults(settings), _limits(settings), launcher)
+        probe = app[control.BACKEND] = BackendProbe(settings.gpu_layers)
+        scheduler = Scheduler(_defaults(settings), _limits(settings), launcher, devices=probe.gpus)
         inference = app[openai.INFERENCE] = InferenceService(store, scheduler)
         control_service = app[control.CONTROL] = ControlService(store, inference)
-        probe = app[control.BACKEND] = BackendProbe(settings.gpu_layers)
         preloader = app[control.PRELOADER] = Preloader(
             entries or [], store, app[models.DISTRIBUTION], inference
         )
@@ -148,7 +148,11 @@ def _defaults(settings: Settings) -> Defaults:
 
 
 def _limits(settings: Settings) -> Limits:
-    return Limits(memory=settings.memory_limit, max_queue=settings.max_queue)
+    return Limits(
+        memory=settings.memory_limit,
+        max_queue=settings.max_queue,
+        gpu_memory=settings.gpu_memory_limit,
+    )
 
 
 async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> None:

@@ -102,6 +102,8 @@ class Engine:
         # Sliding-window layers keep the whole context, so a reused prompt prefix attends to
         # exactly what it would have if decoded afresh.
         params.swa_full = True
+        # Flash attention wherever this build and device support it (GPUs, mostly).
+        params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_AUTO
         params.no_perf = True
         self.ctx = L.llama_init_from_model(model.ptr, params)
         if not self.ctx:

@@ -22,17 +22,21 @@ def describe() -> dict[str, object]:
         return {"installed": False, "error": str(exc)}
     L.llama_backend_init()
     devices = _devices(Path(L.__file__).parent / "lib")
-    gpus = [name for name, kind in devices if kind in ("GPU", "IGPU")]
+    gpus = [d for d in devices if d["type"] in ("GPU", "IGPU")]
+    named = ", ".join(
+        f"{g['name']}: {g['description']}, {g['total'] / 2**30:.0f} GiB" for g in gpus
+    )
     return {
         "installed": True,
         "version": L.__version__,
         "gpu_offload": bool(L.llama_supports_gpu_offload()) and bool(gpus),
-        "device": f"GPU ({', '.join(gpus)})" if gpus else "CPU",
-        "devices": [{"name": name, "type": kind} for name, kind in devices],
+        "device": f"GPU ({named})" if gpus else "CPU",
+        "devices": devices,
     }
 
 
-def _devices(lib_dir: Path) -> list[tuple[str, str]]:
+def _devices(lib_dir: Path) -> list[dict[str, object]]:
+    """Each device ggml finds: name, type, description and memory (total and free bytes)."""
     candidates = [lib_dir / "libggml.so", lib_dir / "libggml.dylib"]
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
@@ -45,11 +49,27 @@ def _devices(lib_dir: Path) -> list[tuple[str, str]]:
     ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_dev_type.restype = ctypes.c_int
     ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    found = []
+    ggml.ggml_backend_dev_description.restype = ctypes.c_char_p
+    ggml.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.restype = None
+    size_p = ctypes.POINTER(ctypes.c_size_t)
+    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, size_p, size_p]
+    found: list[dict[str, object]] = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
-        kind = _DEVICE_TYPES.get(ggml.ggml_backend_dev_type(dev), "OTHER")
-        found.append((ggml.ggml_backend_dev_name(dev).decode("utf-8", "replace"), kind))
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(
+            {
+                "name": ggml.ggml_backend_dev_name(dev).decode("utf-8", "replace"),
+                "type": _DEVICE_TYPES.get(ggml.ggml_backend_dev_type(dev), "OTHER"),
+                "description": (ggml.ggml_backend_dev_description(dev) or b"").decode(
+                    "utf-8", "replace"
+                ),
+                "total": total.value,
+                "free": free.value,
+            }
+        )
     return found
 
 

@@ -26,6 +26,7 @@ from app.logging import get_logger
 from app.runner import SOURCE_ROOT
 from app.scheduler.errors import LoadFailed
 from app.scheduler.launch import LaunchSpec
+from app.scheduler.memory import Estimate
 
 log = get_logger("runners")
 
@@ -69,7 +70,7 @@ class RunnerLauncher:
         self._dir = Path(tempfile.mkdtemp(prefix="model-runner-"))
         self._serial = 0
 
-    async def __call__(self, spec: LaunchSpec, ctx_per_slot: int) -> LlamaRunnerProcess:
+    async def __call__(self, spec: LaunchSpec, estimate: Estimate) -> LlamaRunnerProcess:
         # A fresh socket per start: never mistake a stale one for this runner.
         self._serial += 1
         digest = spec.key.model_id.removeprefix("sha256:")[:12]
@@ -80,10 +81,10 @@ class RunnerLauncher:
             "--name", spec.name,
             "--mode", spec.key.mode,
             "--socket", str(socket),
-            "--ctx-size", str(ctx_per_slot),
+            "--ctx-size", str(estimate.ctx_per_slot),
             "--parallel", str(spec.parallel),
             "--threads", str(spec.threads),
-            "--gpu-layers", str(-1 if spec.gpu_layers is None else spec.gpu_layers),
+            "--gpu-layers", str(_gpu_layers(spec, estimate)),
         ]  # fmt: skip
         if spec.files.chat_template is not None:
             args += ["--chat-template", str(spec.files.chat_template)]
@@ -184,6 +185,14 @@ class LlamaRunnerProcess:
         await self._session.close()
         await asyncio.gather(self._reader, return_exceptions=True)
         self._socket.unlink(missing_ok=True)
+
+
+def _gpu_layers(spec: LaunchSpec, estimate: Estimate) -> int:
+    """The estimate placed the layers when it knew of GPUs; else the runner decides (-1: all
+    when its llama.cpp can offload)."""
+    if estimate.by_device:
+        return estimate.gpu_layers
+    return -1 if spec.gpu_layers is None else spec.gpu_layers
 
 
 def describe_exit(code: int | None) -> str:

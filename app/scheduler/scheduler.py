@@ -17,21 +17,29 @@ import contextlib
 import contextvars
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from app.logging import get_logger
-from app.scheduler import memory
+from app.scheduler import budget, memory, refusals
 from app.scheduler.configs import ModelConfigs
-from app.scheduler.errors import LoadFailed, NoMemory, QueueFull, RunnerBusy, ShuttingDown
+from app.scheduler.devices import Device
+from app.scheduler.errors import LoadFailed, QueueFull, RunnerBusy, ShuttingDown
 from app.scheduler.failures import LoadFailures
-from app.scheduler.launch import Defaults, LaunchSpec, ModelFiles, RunnerKey, plan
+from app.scheduler.launch import (
+    Defaults,
+    LaunchSpec,
+    ModelFiles,
+    RunnerKey,
+    default_slots,
+    plan,
+)
 from app.scheduler.process import RunnerProcess, describe_exit
 from app.scheduler.resident import Plan, Resident
 from app.scheduler.runner_config import RunnerConfig
 from app.scheduler.snapshot import RunnerView
-from app.sizes import MIB, mib
+from app.sizes import MIB
 
 log = get_logger("scheduler")
 
@@ -40,17 +48,23 @@ STOP_TIMEOUT_S = 10
 SHUTDOWN_STOP_TIMEOUT_S = 1.5
 # How long a load waits for a busy runner to finish its requests before giving up.
 DRAIN_TIMEOUT_S = 60
-RETRY_AFTER_S = 2
 
-ProcessFactory = Callable[[LaunchSpec, int], Awaitable[RunnerProcess]]
-Estimator = Callable[[LaunchSpec], memory.Estimate]  # blocking: reads the GGUF header
+ProcessFactory = Callable[[LaunchSpec, memory.Estimate], Awaitable[RunnerProcess]]
+# Blocking (it reads the GGUF header): the spec, the GPUs and each device's budget.
+Estimator = Callable[[LaunchSpec, tuple[Device, ...], Mapping[str, int]], memory.Estimate]
+DeviceSource = Callable[[], Awaitable[tuple[Device, ...]]]
 Timer = Callable[[float, Callable[[], None]], asyncio.TimerHandle]
 
 
 @dataclass(frozen=True)
 class Limits:
-    memory: int  # bytes the runners' estimates may add up to
+    memory: int  # bytes the runners' estimates may add up to on the host
     max_queue: int  # requests waiting beyond a runner's slots
+    gpu_memory: str = "90%"  # of each GPU: a size, or a share of its total
+
+
+async def no_gpus() -> tuple[Device, ...]:
+    return ()
 
 
 @dataclass
@@ -60,8 +74,12 @@ class _Loading:
     admitted: bool = False  # its memory is counted from then on
 
 
-def estimate_from_gguf(spec: LaunchSpec) -> memory.Estimate:
-    return memory.estimate(spec.files.shards, spec.context_size, spec.parallel)
+def estimate_from_gguf(
+    spec: LaunchSpec, gpus: tuple[Device, ...], budgets: Mapping[str, int]
+) -> memory.Estimate:
+    return memory.estimate(
+        spec.files.shards, spec.context_size, spec.parallel, gpus, spec.gpu_layers, budgets
+    )
 
 
 class Scheduler:
@@ -71,6 +89,7 @@ class Scheduler:
         limits: Limits,
         start_process: ProcessFactory,
         estimate: Estimator = estimate_from_gguf,
+        devices: DeviceSource = no_gpus,
         configs: ModelConfigs | None = None,
         timer: Timer | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -80,6 +99,8 @@ class Scheduler:
         self.configs = configs or ModelConfigs()
         self._start_process = start_process
         self._estimate = estimate
+        self._devices = devices
+        self._gpus: tuple[Device, ...] = ()  # as last found
         self._timer = timer
         self._failed_loads = LoadFailures(clock)
         self._residents: dict[RunnerKey, Resident] = {}
@@ -117,14 +138,17 @@ class Scheduler:
         resident = self._residents.get(key)
         loading = self._loading.get(key)
         plan_ = resident.plan if resident else loading.plan if loading else None
-        slots = plan_.spec.parallel if plan_ else self.defaults.parallel
+        # Before its first plan, a runner's slots are the defaults' (the GPUs' once known).
+        slots = (
+            plan_.spec.parallel if plan_ else self.defaults.parallel or default_slots(self._gpus)
+        )
         pending = (resident.in_use if resident else 0) + self._wanted[key]
         if pending >= slots + self.limits.max_queue:
             raise QueueFull(
                 f"too many requests for {name}: {slots} running and "
                 f"{pending - slots} waiting (MODEL_RUNNER_MAX_QUEUE={self.limits.max_queue});"
                 " retry later",
-                retry_after=RETRY_AFTER_S,
+                retry_after=refusals.RETRY_AFTER_S,
             )
 
     async def _get(self, key: RunnerKey, name: str, files: Callable[[], ModelFiles]) -> Resident:
@@ -212,12 +236,16 @@ class Scheduler:
     async def _plan(self, key: RunnerKey, name: str, files: Callable[[], ModelFiles]) -> Plan:
         config = self.configs.effective(key)
         found = await asyncio.to_thread(files)
-        spec = plan(key, name, found, config, self.defaults, self.configs.is_pinned(key))
+        gpus = self._gpus = await self._devices()
+        spec = plan(key, name, found, config, self.defaults, gpus, self.configs.is_pinned(key))
         try:
-            estimate = await asyncio.to_thread(self._estimate, spec)
+            estimate = await asyncio.to_thread(self._estimate, spec, gpus, self._budgets(gpus))
         except memory.EstimateError as exc:
             raise LoadFailed(f"unable to load runner: {exc}") from None
         return Plan(spec, estimate)
+
+    def _budgets(self, gpus: tuple[Device, ...]) -> dict[str, int]:
+        return budget.of_devices(self.limits.memory, gpus, self.limits.gpu_memory)
 
     async def _load(self, plan_: Plan) -> Resident:
         key = plan_.spec.key
@@ -227,43 +255,35 @@ class Scheduler:
         return await self._start(plan_)
 
     async def _make_room(self, key: RunnerKey, plan_: Plan) -> None:
-        """Stop or drain other runners until ``plan_`` fits; refuse when it never can."""
-        need, limit = plan_.estimate.total, self.limits.memory
-        if need > limit:
-            raise NoMemory(
-                f"{plan_.name} needs about {mib(need)} ({_breakdown(plan_)}), more than the "
-                f"memory limit of {mib(limit)} (MODEL_RUNNER_MEMORY_LIMIT)"
-            )
+        """Stop or drain other runners until ``plan_`` fits on every device it uses; refuse
+        when it never can."""
+        need = plan_.estimate.devices()
+        limits = self._budgets(await self._devices())
+        too_big = budget.never_fits(need, limits)
+        if too_big is not None:
+            raise refusals.too_big(plan_, too_big, need[too_big], limits[too_big])
         while True:
-            loading = sum(
-                lo.plan.estimate.total
-                for k, lo in self._loading.items()
-                if lo.admitted and k != key
+            stopping = budget.total(r.plan.estimate for r in self._stopping)
+            used = budget.total(
+                [r.plan.estimate for r in self._residents.values()]
+                + [lo.plan.estimate for k, lo in self._loading.items() if lo.admitted and k != key]
             )
-            stopping = sum(r.plan.estimate.total for r in self._stopping)
-            resident = sum(r.plan.estimate.total for r in self._residents.values())
-            used = loading + stopping + resident
-            if used + need <= limit:
+            short = budget.short(need, budget.total([used, stopping]), limits)
+            if not short:
                 return
-            if used - stopping + need <= limit:  # it fits once those runners have exited
+            if not budget.short(need, used, limits):  # it fits once those runners have exited
                 await asyncio.gather(*(r.stopped.wait() for r in list(self._stopping)))
                 continue
-            movable = [r for r in self._residents.values() if self._evictable(r)]
-            stuck = used - stopping - sum(r.plan.estimate.total for r in movable)
-            if stuck + need > limit:
-                held = ", ".join(
-                    f"{r.name} {mib(r.plan.estimate.total)}"
-                    + (" pinned" if r.plan.spec.pinned else f" {r.in_use} requests")
-                    for r in self._residents.values()
-                    if r not in movable
-                )
-                raise NoMemory(
-                    f"cannot load {plan_.name}: it needs about {mib(need)} and "
-                    f"{mib(stuck)} of the {mib(limit)} memory limit is held by "
-                    f"runners that cannot be stopped now ({held or 'models loading'}); "
-                    "retry later",
-                    retry_after=RETRY_AFTER_S,
-                )
+            movable = [
+                r
+                for r in self._residents.values()
+                if self._evictable(r) and any(r.plan.estimate.on(d) for d in short)
+            ]
+            stuck = budget.minus(used, budget.total(r.plan.estimate for r in movable))
+            blocked = budget.short(need, stuck, limits)
+            if blocked:
+                holders = [r for r in self._residents.values() if r not in movable]
+                raise refusals.held(plan_, blocked[0], need, stuck, limits, holders)
             victim = min(movable, key=lambda r: (r.in_use > 0, r.last_used))
             if victim.in_use:
                 if not await self._drain(victim, plan_):
@@ -285,11 +305,7 @@ class Scheduler:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await victim.idle.wait()
         except TimeoutError:
-            raise NoMemory(
-                f"cannot load {plan_.name}: {victim.name} is still serving requests after "
-                f"{DRAIN_TIMEOUT_S} s and there is no memory for both; retry later",
-                retry_after=RETRY_AFTER_S,
-            ) from None
+            raise refusals.still_busy(plan_, victim, DRAIN_TIMEOUT_S) from None
         finally:
             victim.draining = False
         return not self._wanted[victim.key]
@@ -302,7 +318,7 @@ class Scheduler:
 
     async def _start(self, plan_: Plan) -> Resident:
         started = time.monotonic()
-        process = await self._start_process(plan_.spec, plan_.estimate.ctx_per_slot)
+        process = await self._start_process(plan_.spec, plan_.estimate)
         try:
             await process.wait_ready()
         except BaseException:
@@ -389,11 +405,3 @@ class Scheduler:
             return_exceptions=True,
         )
         self._residents.clear()
-
-
-def _breakdown(plan_: Plan) -> str:
-    est = plan_.estimate
-    return (
-        f"weights {mib(est.weights)}, KV cache {mib(est.kv_cache)} for "
-        f"{plan_.spec.parallel}x{est.ctx_per_slot} tokens, compute {mib(est.compute)}"
-    )

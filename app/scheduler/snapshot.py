@@ -16,6 +16,8 @@ class RunnerView:
     keep_alive: float | None
     pinned: bool
     memory_estimate: int
+    memory_by_device: dict[str, int]  # {"host": bytes, "CUDA0": bytes}
+    gpu_layers: int
     context_size: int  # tokens per slot
     parallel: int
     in_use: int = 0  # requests holding it, queued ones included
@@ -32,6 +34,8 @@ class RunnerView:
             keep_alive=spec.keep_alive,
             pinned=spec.pinned,
             memory_estimate=estimate.total,
+            memory_by_device=estimate.devices(),
+            gpu_layers=estimate.gpu_layers,
             context_size=estimate.ctx_per_slot,
             parallel=spec.parallel,
         )

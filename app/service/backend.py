@@ -12,9 +12,12 @@ from typing import Any
 from app import errors
 from app.logging import get_logger
 from app.runner import SOURCE_ROOT
+from app.scheduler.devices import Device
 
 log = get_logger("backend")
 BACKEND = "llama.cpp"
+# A GPU driver that hangs must not hold every load back for good.
+PROBE_TIMEOUT_S = 120
 
 
 def check_backend(name: str | None) -> None:
@@ -27,16 +30,40 @@ class BackendProbe:
     def __init__(self, gpu_layers: int | None) -> None:
         self.gpu_layers = gpu_layers
         self.found: dict[str, Any] = {}  # what the probe found; empty until it answers
+        self._done = asyncio.Event()
+
+    async def gpus(self) -> tuple[Device, ...]:
+        """The GPUs llama.cpp can offload to (none on a CPU build), once the probe has run:
+        the scheduler fits runners into their memory."""
+        await self._done.wait()
+        if not self.found.get("gpu_offload"):
+            return ()
+        return tuple(
+            Device(d["name"], d.get("description", ""), int(d["total"]), int(d["free"]))
+            for d in self.found.get("devices", [])
+            if d.get("type") in ("GPU", "IGPU") and d.get("total")
+        )
 
     async def run(self) -> None:
         """Ask a child process what llama.cpp can use, and say it in the log."""
+        try:
+            await self._probe()
+        finally:
+            self._done.set()  # a failed probe still answers: no GPUs
+
+    async def _probe(self) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "app.runner.probe",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=SOURCE_ROOT,
         )  # fmt: skip
-        out, err = await proc.communicate()
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            out, err = b"", f"no answer within {PROBE_TIMEOUT_S} s".encode()
         try:
             self.found = json.loads(out)
         except ValueError:

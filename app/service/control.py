@@ -138,6 +138,8 @@ def _ps_row(view: RunnerView, now: float) -> dict[str, Any]:
     row["keep_alive"] = "-1" if view.pinned else format_keep_alive(view.keep_alive)
     row.update(
         memory_estimate=view.memory_estimate,
+        memory_by_device=view.memory_by_device,
+        gpu_layers=view.gpu_layers,
         context_size=view.context_size,
         parallel=view.parallel,
         pinned=view.pinned,
