@@ -39,6 +39,7 @@ class Variant:
     service_env: bool = True  # runner_env(): what the service adds (GOMP_SPINCOUNT, ...)
     captured_output: bool = True  # stdout and stderr to a pipe, as the service reads them
     unset: tuple[str, ...] = field(default=())
+    extra_args: tuple[str, ...] = ()  # after the check's own: argparse keeps the last value
 
 
 VARIANTS = [
@@ -46,6 +47,10 @@ VARIANTS = [
     Variant("without the lifeline (stdin /dev/null)", lifeline=False),
     Variant("without GOMP_SPINCOUNT", unset=("GOMP_SPINCOUNT",)),
     Variant("output not captured (inherited, as from a shell)", captured_output=False),
+    Variant(
+        "--gpu-layers 999 (the runner asks llama.cpp nothing first)",
+        extra_args=("--gpu-layers", "999"),
+    ),
     Variant(
         "as from a shell (none of the above)",
         lifeline=False,
@@ -85,6 +90,7 @@ def try_variant(variant: Variant, model: Path, runner_args: list[str], work: Pat
     args += ["--socket", str(sock), *runner_args]
     if variant.lifeline:
         args.append("--exit-with-stdin")
+    args += variant.extra_args
     env = runner_env() if variant.service_env else dict(os.environ)
     for name in variant.unset:
         env.pop(name, None)
@@ -133,7 +139,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="runner-variants-") as tmp:
         for variant in VARIANTS:
             results[variant.name] = try_variant(variant, opts.model, runner_args, Path(tmp))
-            print(f"{variant.name:52} {results[variant.name]}", flush=True)
+            print(f"{variant.name:60} {results[variant.name]}", flush=True)
     return 1 if results[VARIANTS[0].name].startswith("FAILED") else 0
 
 

@@ -81,6 +81,12 @@ def _gpu_layers(asked: int) -> int:
         return asked
     import llama_cpp
 
+    from app.engine.llama import init_backend
+
+    # The backend (and its quiet logger) first, as in every start that loaded on the GPU:
+    # asking about offload first initialises CUDA before llama.cpp's own set-up, the order in
+    # which the service's runners crashed at load on an H200 (issue 12).
+    init_backend()
     return 999 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
