@@ -58,3 +58,45 @@ def test_extra_origins_from_dmr_origins(server: Server, tiny_gguf: Path):
         {"Origin": "https://app.example.com"},
     )
     assert reply.headers.get("Access-Control-Allow-Origin") == "https://app.example.com"
+
+
+HOSTILE = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+# Every route family, spelled as the router cleans it ("//", "/./", "..") or not at all.
+GUARDED_SPELLINGS = [
+    ("POST", "//models/create"),
+    ("POST", "/models//create"),
+    ("POST", "/./models/create"),
+    ("POST", "/v1/../models/create"),
+    ("POST", "/version//../models/create"),
+    ("POST", "//models/tiny/tag?repo=evil/x&tag=v1"),
+    ("POST", "//models/tiny/push"),
+    ("POST", "//models/load"),
+    ("DELETE", "//models/tiny"),
+    ("DELETE", "//models/purge"),
+    ("GET", "/exp/vDD4.40//models"),
+    ("POST", "//v1/chat/completions"),
+    ("POST", "/engines/llama.cpp//v1/completions"),
+    ("POST", "//engines/unload"),
+    ("POST", "//engines/_configure"),
+    ("GET", "//engines/ps"),
+    ("GET", "//v1/models"),
+    ("POST", "/no/such/route"),
+]
+
+
+def test_every_spelling_of_a_guarded_route_is_refused(server: Server, tiny_gguf: Path):
+    server.cli("package", "--gguf", str(tiny_gguf), "--load", "tiny")
+    body = json.dumps({"from": "127.0.0.1:1/evil:v1", "model": "tiny", "all": True}).encode()
+    for method, path in GUARDED_SPELLINGS:
+        reply = server.tcp.request(method, path, body, HOSTILE)
+        assert (reply.status, reply.text) == (403, "Origin not allowed"), (method, path)
+    # Nothing happened: the model is still there, under its own name only, and nothing loaded.
+    models = json.loads(server.tcp.request("GET", "/models").body)
+    assert [m["tags"] for m in models] == [["docker.io/ai/tiny:latest"]]
+    assert json.loads(server.tcp.request("GET", "/engines/ps").body) == []
+
+
+def test_public_answers_stay_public_but_only_for_reading(server: Server):
+    for path in ("/", "/version", "/healthz", "//healthz", "/exp/vDD4.40/version"):
+        assert server.tcp.request("GET", path, headers=HOSTILE).status == 200, path
+    assert server.tcp.request("POST", "/version", b"", HOSTILE).status == 403

@@ -3,12 +3,17 @@
 DMR allows its ``DMR_ORIGINS`` plus localhost, 127.0.0.1 and 0.0.0.0 over http and https,
 including ``:*`` entries that, by a quirk, never match (it compares strings). Here ``:*`` means
 any port and ``*`` alone allows every origin, which is what those entries were meant to say.
+
+What is guarded is decided by the handler the router picked, not by the path as spelled:
+``//models/create`` and ``/v1/../models/create`` reach the same handler as ``/models/create``,
+and so meet the same check. Only a few read-only handlers (``/``, ``/version``, the health
+probes) answer any origin; everything else, unknown paths included, is guarded.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from aiohttp import web
 
@@ -16,21 +21,12 @@ from app.api.middleware import Handler
 from app.api.responses import plain_error
 
 _DEFAULT_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0")
-# Only DMR's own API is guarded; "/" and "/version" are not, as in DMR.
-_GUARDED = (
-    "/models",
-    "/engines",
-    "/v1/",
-    "/exp/vDD4.40/models",
-    "/exp/vDD4.40/engines",
-    "/exp/vDD4.40/v1/",
-)
-
-
+_READ_ONLY = ("GET", "HEAD")
 _ALLOWED = "model_runner.allowed_origin"
 
 
-def origin_checker(extra: Iterable[str]) -> web.middleware:  # type: ignore[valid-type]
+def origin_checker(extra: Iterable[str], public: Collection[Handler]) -> web.middleware:  # type: ignore[valid-type]
+    """``public``: handlers any origin may GET (what they answer is no secret)."""
     patterns = [
         *(
             f"{scheme}://{host}{port}"
@@ -50,7 +46,9 @@ def origin_checker(extra: Iterable[str]) -> web.middleware:  # type: ignore[vali
     @web.middleware
     async def check_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        if origin is None or not request.path.startswith(_GUARDED):
+        if origin is None or (
+            request.method in _READ_ONLY and request.match_info.handler in public
+        ):
             return await handler(request)
         if not allowed(origin):
             return plain_error(403, "Origin not allowed")

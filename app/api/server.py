@@ -47,6 +47,10 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": __version__})
 
 
+# Read-only answers any web page may fetch (DMR leaves "/" and "/version" unguarded too).
+PUBLIC = (root, version, control.healthz, control.readyz)
+
+
 def _routes() -> list[tuple[str, str, Handler]]:
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/", root),
@@ -94,7 +98,7 @@ def create_app(
         router=_CleanPathRouter(),
         middlewares=[
             access_log,
-            origin_checker(settings.origins),
+            origin_checker(settings.origins, PUBLIC),
             error_answers,
         ],
         client_max_size=settings.max_body_bytes,
