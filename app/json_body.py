@@ -8,6 +8,7 @@ to exhaust the parser's recursion (``[`` x 100000), integers over Python's 4,300
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
@@ -17,15 +18,33 @@ class InvalidJSON(ValueError):
 
 def parse(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise InvalidJSON(f"the request body is not valid JSON: {_reason(exc)}") from None
+    # JSON may escape half a UTF-16 pair ("\ud800"), which no UTF-8 text can hold: as Go's
+    # decoder (DMR's) does, it becomes U+FFFD. Only bodies that escape one pay for the walk.
+    if _SURROGATE_ESCAPE.search(raw):
+        value = _replace_lone_surrogates(value)
+    return value
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
     value = parse(raw)
     if not isinstance(value, dict):
         raise InvalidJSON("the request body must be a JSON object")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
     return value
 
 

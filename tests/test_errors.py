@@ -104,6 +104,8 @@ def test_pull_body_errors(server: Server):
 def test_bodies_json_cannot_parse_are_400(server: Server, body: bytes):
     for path in ("/models/create", "/models/x/push"):
         assert_plain(server.tcp.request("POST", path, body), 400, "invalid request body")
+    for path in ("/engines/unload", "/engines/_configure", "/v1/chat/completions"):
+        assert_plain(server.tcp.request("POST", path, body), 400, "invalid request")
 
 
 def test_body_over_the_cap_is_400(server: Server):

@@ -516,3 +516,15 @@ def test_preload_only_loads_without_generating(tmp_path: Path):
         assert "request done" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_half_a_surrogate_pair_is_replaced_not_a_500(llm: Server):
+    # Valid JSON that no UTF-8 text can hold: replaced by U+FFFD, as Go's decoder does in DMR.
+    body = (
+        b'{"model": "tiny", "max_tokens": 2, '
+        b'"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    )
+    reply = llm.tcp.request("POST", "/v1/chat/completions", body)
+    assert reply.status == 200, reply.text
+    body = b'{"model": "tiny", "max_tokens": 2, "prompt": "\\udc00", "stop": ["\\ud83d"]}'
+    assert llm.tcp.request("POST", "/v1/completions", body).status == 200
