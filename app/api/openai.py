@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from app.api.inflight import cut_by_shutdown
 from app.api.responses import mark_streaming, read_json
 from app.service.inference import ROUTES, InferenceService, RunnerDied
 
@@ -19,6 +21,15 @@ __all__ = ["INFERENCE", "ROUTES", "handler"]
 def _died(message: str) -> dict[str, Any]:
     """DMR's answer when a runner dies under a request (spec 1.5)."""
     return {"type": "error", "code": None, "message": message, "param": None, "sequence_number": 1}
+
+
+def _is_event_stream(response: web.StreamResponse) -> bool:
+    return response.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+async def _last_event(response: web.StreamResponse, message: str) -> None:
+    """An SSE client reads the error as an event, then a clean end (the SDKs raise it)."""
+    await response.write(f"data: {json.dumps({'error': _died(message)})}\n\n".encode())
 
 
 def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -42,10 +53,13 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         except RunnerDied as exc:
             if response is None:
                 return web.json_response(_died(str(exc)), status=500)
-            if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if not _is_event_stream(response):
                 raise  # a cut body: the client sees the transfer fail
-            # An SSE client reads the error as an event, then a clean end (the SDKs raise it).
-            await response.write(f"data: {json.dumps({'error': _died(str(exc))})}\n\n".encode())
+            await _last_event(response, str(exc))
+        except asyncio.CancelledError:
+            if response is None or not _is_event_stream(response) or not cut_by_shutdown(request):
+                raise
+            await _last_event(response, "the service is shutting down; this answer was cut short")
         await response.write_eof()
         return response
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from app import __version__
 from app.api import control, models, openai
 from app.api.cors import add_allow_origin, origin_checker
+from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
 from app.api.middleware import access_log, error_answers
 from app.api.responses import json_response
 from app.logging import get_logger
@@ -94,15 +95,18 @@ class _CleanPathRouter(web.UrlDispatcher):
 def create_app(
     settings: Settings, entries: list[ModelEntry] | None = None, store: ModelStore | None = None
 ) -> web.Application:
+    in_flight = InFlight()
     app = web.Application(
         router=_CleanPathRouter(),
         middlewares=[
+            in_flight.track,
             access_log,
             origin_checker(settings.origins, PUBLIC),
             error_answers,
         ],
         client_max_size=settings.max_body_bytes,
     )
+    app[IN_FLIGHT] = in_flight
     app.on_response_prepare.append(add_allow_origin)
     store = store or ModelStore(settings.models_path, settings.default_registry)
     app[models.SERVICE] = ModelService(store)
@@ -163,14 +167,15 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
     """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
     app = create_app(settings, entries)
     # On SIGTERM the listeners close at once; requests in flight (streams included) get
-    # shutdown_timeout to finish before their connections are closed.
+    # shutdown_timeout to finish, then are cut (app/api/inflight.py); aiohttp's own wait then
+    # only closes idle connections.
     # handler_cancellation: a client that goes away cancels its request, so an inference stops
     # within a decode step and a pull stops downloading.
     web_runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=settings.shutdown_timeout,
+        shutdown_timeout=CANCEL_GRACE_S,
         handler_cancellation=True,
     )
     await web_runner.setup()
@@ -204,6 +209,9 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
         )
         await stop.wait()
         log.info("shutting down", drain_timeout_s=settings.shutdown_timeout)
+        for site in list(web_runner.sites):
+            await site.stop()  # no new connections from here on
+        await app[IN_FLIGHT].drain(settings.shutdown_timeout)
     finally:
         await web_runner.cleanup()
         if settings.sock is not None:
