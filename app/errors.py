@@ -26,6 +26,10 @@ class Unsupported(ServiceError):
     """A well-formed request for something this service cannot handle (HTTP 422)."""
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its request in time (HTTP 408)."""
+
+
 class InsufficientStorage(ServiceError):
     """HTTP 507."""
 

@@ -69,6 +69,9 @@ class Settings:
     host: str = "http://localhost:12434"
     # JSON bodies (tags, configure, inference) are small; tar uploads stream and are not capped.
     max_body_bytes: int = 10 * 1024 * 1024
+    # Seconds a client gets to send its request's headers (from connecting) and its JSON body;
+    # idle keep-alive connections close after it too.
+    request_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +98,7 @@ class Settings:
             memory_limit=_memory_limit(env, "MODEL_RUNNER_MEMORY_LIMIT"),
             max_queue=_whole(env, "MODEL_RUNNER_MAX_QUEUE", cls.max_queue),
             shutdown_timeout=_seconds(env, "MODEL_RUNNER_SHUTDOWN_TIMEOUT", cls.shutdown_timeout),
+            request_timeout=_seconds(env, "MODEL_RUNNER_REQUEST_TIMEOUT", cls.request_timeout),
             manifest=_manifest(env, "MODEL_RUNNER_MANIFEST"),
             preload_models=tuple(
                 m.strip() for m in _get(env, "MODEL_RUNNER_MODELS").split(",") if m.strip()

@@ -71,6 +71,7 @@ def test_values_from_env(tmp_path: Path):
         ("MODEL_RUNNER_GPU_MEMORY_LIMIT", "0%"),
         ("MODEL_RUNNER_GPU_MEMORY_LIMIT", "120%"),
         ("MODEL_RUNNER_PARALLEL", "0"),
+        ("MODEL_RUNNER_REQUEST_TIMEOUT", "soon"),
     ],
 )
 def test_bad_value_names_the_variable(var: str, value: str):

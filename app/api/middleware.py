@@ -23,6 +23,7 @@ _STATUS: dict[type[Exception], int] = {
     errors.BadRequest: 400,
     errors.Unauthorized: 401,
     errors.NotFound: 404,
+    errors.RequestTimeout: 408,
     errors.Conflict: 409,
     errors.Unsupported: 422,
     errors.InsufficientStorage: 507,

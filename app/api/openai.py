@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from app.api.inflight import cut_by_shutdown
-from app.api.responses import mark_streaming, read_json
+from app.api.responses import mark_streaming, read_body, read_json
 from app.service.inference import ROUTES, InferenceService, RunnerDied
 
 INFERENCE = web.AppKey("inference_service", InferenceService)
@@ -35,7 +35,7 @@ async def _last_event(response: web.StreamResponse, message: str) -> None:
 def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def infer(request: web.Request) -> web.StreamResponse:
         doc = await read_json(request, "invalid request")
-        body = await request.read()  # aiohttp keeps what read_json read: forwarded unchanged
+        body = await read_body(request)  # what read_json read, kept by aiohttp: forwarded as is
         preload_only = request.headers.get("X-Preload-Only", "").lower() == "true"
         service = request.app[INFERENCE]
         response: web.StreamResponse | None = None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
 from app import json_body
-from app.errors import BadRequest
+from app.errors import BadRequest, RequestTimeout
 
 
 def plain_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -35,12 +36,28 @@ def json_line(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
-async def read_json(request: web.Request, invalid: str) -> Any:
-    """The request's JSON body; over the size cap or malformed, a 400 with DMR's text."""
+# MODEL_RUNNER_REQUEST_TIMEOUT: a client that sends its body a byte at a time must not hold
+# a connection (and its file descriptor) for ever.
+REQUEST_TIMEOUT = web.AppKey("request_timeout", float)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's whole body, over the size cap a 400, not received in time a 408."""
+    timeout = request.app[REQUEST_TIMEOUT]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest("request too large") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g} s (MODEL_RUNNER_REQUEST_TIMEOUT)"
+        ) from None
+
+
+async def read_json(request: web.Request, invalid: str) -> Any:
+    """The request's JSON body; over the size cap or malformed, a 400 with DMR's text."""
+    raw = await read_body(request)
     try:
         return json_body.parse(raw)
     except json_body.InvalidJSON:

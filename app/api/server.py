@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import posixpath
 import re
+import resource
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,7 +18,7 @@ from app.api import control, models, openai
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
 from app.api.middleware import access_log, error_answers
-from app.api.responses import json_response
+from app.api.responses import REQUEST_TIMEOUT, json_response
 from app.logging import get_logger
 from app.preload_manifest import ModelEntry
 from app.scheduler.launch import Defaults
@@ -107,6 +109,7 @@ def create_app(
         client_max_size=settings.max_body_bytes,
     )
     app[IN_FLIGHT] = in_flight
+    app[REQUEST_TIMEOUT] = settings.request_timeout
     app.on_response_prepare.append(add_allow_origin)
     store = store or ModelStore(settings.models_path, settings.default_registry)
     app[models.SERVICE] = ModelService(store)
@@ -163,6 +166,16 @@ def _limits(settings: Settings) -> Limits:
     )
 
 
+def _raise_open_files_limit() -> None:
+    """Each connection, and each request to a runner, holds a file descriptor: take the hard
+    limit rather than the (often 1024) soft one, as Go programs such as DMR do at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> None:
     """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
     app = create_app(settings, entries)
@@ -171,13 +184,17 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
     # only closes idle connections.
     # handler_cancellation: a client that goes away cancels its request, so an inference stops
     # within a decode step and a pull stops downloading.
+    # keepalive_timeout also bounds how long a new connection may take to send its headers
+    # (aiohttp arms it at connect): a byte-a-second client is dropped, not kept for ever.
     web_runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=None,
         shutdown_timeout=CANCEL_GRACE_S,
         handler_cancellation=True,
+        keepalive_timeout=settings.request_timeout,
     )
+    _raise_open_files_limit()
     await web_runner.setup()
     sites: list[web.BaseSite] = [web.TCPSite(web_runner, settings.addr, settings.port)]
     if settings.sock is not None:

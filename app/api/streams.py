@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 from collections.abc import Iterator
 
 from aiohttp import ClientPayloadError, StreamReader, web
+
+IDLE_TIMEOUT_S = 60
 
 
 class ClientGone(EOFError):
@@ -24,9 +27,13 @@ class BlockingBodyReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        read = self._content.read(len(buffer))
+        read = asyncio.run_coroutine_threadsafe(self._content.read(len(buffer)), self._loop)
         try:
-            data = asyncio.run_coroutine_threadsafe(read, self._loop).result()
+            # An upload may be long, but not silent: a stalled client lets go of its connection.
+            data = read.result(timeout=IDLE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            read.cancel()
+            raise ClientGone(f"request body stalled: no data for {IDLE_TIMEOUT_S} s") from None
         except (ConnectionError, ClientPayloadError) as exc:
             raise ClientGone(f"request body cut short: {exc}") from None
         buffer[: len(data)] = data
