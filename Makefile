@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEFAULT_MODEL := ai/gemma3:270M-Q4_K_M
 
-.PHONY: run install test test-container ci image bench lint format clean
+.PHONY: run install test test-container ci image bench gpu-check gpu-check-cpu lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,17 @@ bench: $(VENV)/.run-deps $(VENV)/.test-deps
 	$(BIN)/python bench/pull.py --rate-mb 125
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/scheduler.py
+
+# The GPU check: builds llama.cpp's CUDA libraries and llama-server from the tree the pinned
+# llama-cpp-python vendors, checks every inference route of the service and compares tokens/s and
+# TTFT with llama-server on the same build (bench/gpu_check.sh; ARGS=--wheels DIR offline). No
+# venv needed: on a GPU machine it runs on python3. gpu-check-cpu: the same on a CPU build with
+# tiny models (CI).
+gpu-check:
+	bench/gpu_check.sh $(ARGS)
+
+gpu-check-cpu: $(VENV)/.test-deps
+	bench/gpu_check.sh --cpu $(ARGS)
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .

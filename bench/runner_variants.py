@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import stop  # noqa: E402
+
 from app.scheduler.process import describe_exit, last_words, runner_env  # noqa: E402
 
 LOAD_TIMEOUT_S = 180
@@ -115,12 +117,7 @@ def try_variant(variant: Variant, model: Path, runner_args: list[str], work: Pat
                 time.sleep(0.1)
             return f"FAILED: not serving after {LOAD_TIMEOUT_S} s"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def main() -> int:

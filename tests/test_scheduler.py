@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -481,8 +482,15 @@ def test_no_orphan_runner_after_the_service_is_killed(start: Callable[..., Serve
     assert status == 200
     pids = [row["pid"] for row in ps(srv).values()]
     assert len(pids) == 2
+    assert srv.proc is not None
+    sockets = list(Path(tempfile.gettempdir()).glob(f"model-runner-{srv.proc.pid}-*"))
+    assert len(sockets) == 1  # the runners' socket folder, named for its service
     srv.stop(signal.SIGKILL)
     wait_for("the runners to exit", lambda: not any(alive(pid) for pid in pids), timeout=10)
+    assert sockets[0].exists()  # a killed service cannot clean up after itself...
+    srv.start()
+    assert chat(srv, "a") == 200
+    assert not sockets[0].exists()  # ...the next one does
 
 
 def test_a_model_that_fails_to_load_twice_is_refused_at_once(

@@ -45,9 +45,19 @@ class FakeProcess:
         self.estimate = estimate
         self.ctx_per_slot = estimate.ctx_per_slot
         self.pid = next(_pids)
-        self.exit_code: int | None = None
+        self._exit_code: int | None = None
+        self._exited = asyncio.Event()
         self.load_error: str | None = None
         self._ready = ready
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit_code
+
+    @exit_code.setter
+    def exit_code(self, code: int) -> None:  # the test kills it, or it stops
+        self._exit_code = code
+        self._exited.set()
 
     @property
     def alive(self) -> bool:
@@ -63,8 +73,9 @@ class FakeProcess:
         if self.alive:
             self.exit_code = -15
 
-    async def wait_exit(self, timeout: float) -> None:
-        pass
+    async def wait_exit(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout)
 
     def post(self, route: str, body: bytes) -> Any:
         raise AssertionError("the scheduler never talks to a runner's routes")
@@ -244,6 +255,7 @@ async def test_a_dead_runner_is_started_again_on_the_next_request():
     s = make(runners)
     await use(s, "a")
     runners.started[0].exit_code = -11  # SIGSEGV while idle
+    await until(lambda: s.snapshot() == [])  # gone from ps at once, not at the next request
     await use(s, "a")
     assert len(runners.started) == 2 and runners.started[1].alive
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -51,8 +52,8 @@ class RunnerProcess(Protocol):
     async def stop(self, timeout: float) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; idempotent."""
 
-    async def wait_exit(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for it to exit by itself."""
+    async def wait_exit(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds (None: for as long as it takes) for it to exit."""
 
     def post(
         self, route: str, body: bytes
@@ -67,7 +68,8 @@ class RunnerLauncher:
     """Starts runners as ``python -m app.runner``, each on a fresh Unix socket."""
 
     def __init__(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="model-runner-"))
+        _remove_stale_socket_dirs()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self._serial = 0
 
     async def __call__(self, spec: LaunchSpec, estimate: Estimate) -> LlamaRunnerProcess:
@@ -162,7 +164,7 @@ class LlamaRunnerProcess:
         ) as upstream:
             yield upstream
 
-    async def wait_exit(self, timeout: float) -> None:
+    async def wait_exit(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._proc.wait(), timeout)
 
@@ -185,6 +187,20 @@ class LlamaRunnerProcess:
         await self._session.close()
         await asyncio.gather(self._reader, return_exceptions=True)
         self._socket.unlink(missing_ok=True)
+
+
+_DIR_PREFIX = "model-runner-"
+
+
+def _remove_stale_socket_dirs() -> None:
+    """A service that was SIGKILLed left its runners' socket folder behind: remove those of
+    services that are gone (the folder's name holds its service's pid)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or not folder.is_dir():
+            continue
+        if all(f.suffix == ".sock" for f in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _gpu_layers(spec: LaunchSpec, estimate: Estimate) -> int:

@@ -195,6 +195,20 @@ class Scheduler:
             self._residents[key] = resident
             resident.idle.set()
             self._schedule_expiry(resident)
+            self._background(self._watch(resident))
+
+    async def _watch(self, resident: Resident) -> None:
+        """A runner that dies on its own (a crash, the OOM killer) leaves at once: /engines/ps
+        stops listing it and its memory counts as free, before any request finds it dead."""
+        await resident.process.wait_exit(None)
+        if self._residents.get(resident.key) is resident:
+            log.warning(
+                "runner died",
+                model=resident.name,
+                mode=resident.key.mode,
+                how=describe_exit(resident.process.exit_code),
+            )
+            await self._stop(resident)
 
     def _release(self, resident: Resident) -> None:
         resident.in_use -= 1

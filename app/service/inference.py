@@ -15,7 +15,7 @@ from app import errors
 from app.logging import get_logger
 from app.oci import reference
 from app.scheduler.launch import COMPLETION, EMBEDDING, ModelFiles, RunnerKey
-from app.scheduler.process import RunnerProcess, describe_exit
+from app.scheduler.process import RunnerProcess, describe_exit, last_words
 from app.scheduler.scheduler import Scheduler
 from app.service.backend import check_backend
 from app.store import IndexEntry, ModelNotFound, ModelStore
@@ -136,7 +136,14 @@ async def _chunks(upstream: aiohttp.ClientResponse, process: RunnerProcess) -> A
 
 
 def _failure(exc: Exception, process: RunnerProcess) -> str:
-    how = "" if process.alive else f" (it {describe_exit(process.exit_code)})"
-    message = f"the model runner failed: {exc}{how}. {process.tail()}".strip()
+    # How it died and its own last words; not the connection's internals, nor the lines it
+    # logged for other requests.
+    if process.alive:
+        message = f"the model runner failed: it stopped answering ({type(exc).__name__})"
+    else:
+        code, tail = process.exit_code, process.tail()
+        # A signal leaves no words of its own unless it was a crash that Python reported.
+        said = last_words(tail) if (code or 0) > 0 or "Fatal Python error" in tail else ""
+        message = f"the model runner failed: it {describe_exit(code)}{said}"
     log.error("runner failed mid-request", error=message)
     return message
