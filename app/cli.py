@@ -312,16 +312,15 @@ def _build(args: argparse.Namespace) -> artifact.Artifact:
 
 
 async def _push_artifact(built: artifact.Artifact, tag: str, settings: Settings) -> int:
-    from app.service.distribution import DistributionService
+    from app.service.distribution import prepare_push_blobs, push_stream
 
-    store = ModelStore(settings.models_path, settings.default_registry)
-    blobs = built.blob_sources()
     view = ProgressView()
     async with aiohttp.ClientSession(auto_decompress=False) as session:
-        dist = DistributionService(store, settings, session)
-        job = await dist.prepare_push_blobs(tag, built.manifest, blobs, None)
+        # Straight from the files to the registry: the store is not touched, nor created.
+        blobs = built.blob_sources()
+        job = await prepare_push_blobs(session, settings, tag, built.manifest, blobs, None)
         try:
-            async for line in dist.push(job):
+            async for line in push_stream(job):
                 view.feed(json.dumps(line).encode())
         finally:
             view.close()

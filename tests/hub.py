@@ -10,6 +10,7 @@ import base64
 import re
 import secrets
 import threading
+from typing import Self
 
 import aiohttp
 from aiohttp import web
@@ -19,14 +20,12 @@ from tests.netutil import free_port
 _WRITE = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-class HubFront:
-    def __init__(self, registry_port: int, user: str, password: str) -> None:
-        self.registry = f"http://127.0.0.1:{registry_port}"
+class AppThread:
+    """An aiohttp app served on loopback from a thread and event loop of its own, for a test to
+    use as ``with``; subclasses add their routes."""
+
+    def __init__(self) -> None:
         self.port = free_port()
-        self.user, self.password = user, password
-        self.tokens: dict[str, set[str]] = {}  # token -> actions it allows
-        self.cdn_requests = 0
-        self.issued_anonymous = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -35,32 +34,57 @@ class HubFront:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> HubFront:
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait(10)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
+    def _routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def _started(self) -> None:
+        """Runs on the app's loop once it serves, before ``with`` hands it over."""
+
     async def _close(self) -> None:
-        await self._session.close()
         await self._runner.cleanup()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
-        app.router.add_get("/token", self._token)
-        app.router.add_route("*", "/cdn/{digest}", self._cdn)
-        app.router.add_route("*", "/v2/{tail:.*}", self._v2)
+        self._routes(app)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-        self._session = aiohttp.ClientSession(loop=self._loop, auto_decompress=False)
+        self._loop.run_until_complete(self._started())
         self._ready.set()
         self._loop.run_forever()
+
+
+class HubFront(AppThread):
+    def __init__(self, registry_port: int, user: str, password: str) -> None:
+        super().__init__()
+        self.registry = f"http://127.0.0.1:{registry_port}"
+        self.user, self.password = user, password
+        self.tokens: dict[str, set[str]] = {}  # token -> actions it allows
+        self.cdn_requests = 0
+        self.issued_anonymous = 0
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_get("/token", self._token)
+        app.router.add_route("*", "/cdn/{digest}", self._cdn)
+        app.router.add_route("*", "/v2/{tail:.*}", self._v2)
+
+    async def _started(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def _close(self) -> None:
+        await self._session.close()
+        await super()._close()
 
     async def _token(self, request: web.Request) -> web.Response:
         scope = request.query.get("scope", "")

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,16 @@ def pull(server: Server, ref: str, **headers: str) -> tuple[int, list[Any], str]
         except ValueError:
             trailer += line
     return reply.status, lines, trailer if reply.status == 200 else reply.text
+
+
+def pull_lines(server: Server, ref: str) -> Iterator[dict[str, Any]]:
+    """A pull's progress lines as they come, up to the plain trailer after an error line."""
+    body = json.dumps({"from": ref}).encode()
+    for line in server.tcp.lines("POST", "/models/create", body, JSON):
+        try:
+            yield json.loads(line)
+        except ValueError:
+            return
 
 
 def push_tiny(server: Server, gguf: Path, ref: str, *extra: str) -> str:
@@ -286,13 +297,8 @@ def test_network_cut_then_resume(
 ):
     _, digest = big_model(server, registry, tiny_gguf, tmp_path)
     with Proxy(registry.port, rate=6 * 1024 * 1024) as proxy:
-        body = json.dumps({"from": f"127.0.0.1:{proxy.port}/org/big:v1"}).encode()
         last: dict[str, Any] = {}
-        for line in server.tcp.lines("POST", "/models/create", body, JSON):
-            try:
-                last = json.loads(line)
-            except ValueError:
-                break  # the plain trailer after the error line
+        for last in pull_lines(server, f"127.0.0.1:{proxy.port}/org/big:v1"):
             if last["layer"].get("id") == digest and last["layer"]["current"] >= 4 * 1024 * 1024:
                 proxy.cut()
         assert last["type"] == "error", last

@@ -5,15 +5,17 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from app.packaging import artifact
-from app.store import ModelStore, StoreError
-from app.store.store import DigestMismatch
+from app.store import ModelStore, StoreError, space
+from app.store.store import ORPHAN_GRACE_S, DigestMismatch
 from tests.conftest import REPO
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -228,3 +230,49 @@ def test_removing_two_tags_at_once_deletes_the_model(store: ModelStore, tiny_ggu
 def _untag_together(store: ModelStore, model_id: str, tag: str, barrier: threading.Barrier) -> None:
     barrier.wait()
     store.untag(model_id, tag)
+
+
+def test_delete_collects_orphans_once_past_their_grace(store: ModelStore, tiny_gguf: Path):
+    def orphan(data: bytes, age_s: float) -> str:
+        path = store.blobs_dir / hashlib.sha256(data).hexdigest()
+        path.write_bytes(data)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return "sha256:" + path.name
+
+    old, young = orphan(b"old", ORPHAN_GRACE_S + 60), orphan(b"young", 0)
+    entry = artifact.write_to_store(artifact.build(tiny_gguf), store, "docker.io/ai/o:latest")
+    store.delete(entry.id)
+    # A young one may be another process's model in the making (package --store).
+    assert not store.has_blob(old) and store.has_blob(young)
+
+
+def test_a_failed_pulls_finished_blob_waits_as_a_whole_partial(store: ModelStore):
+    data = b"a finished layer"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with store.blob_writer(digest) as w:
+        w.write(data)
+        w.commit()
+    store.discard_blobs([digest], resumable=True)
+    assert not store.has_blob(digest) and store.partial_size(digest) == len(data)
+    partial = store.partial_blob(digest, len(data))
+    assert partial.size == len(data)  # nothing left to fetch
+    partial.commit()
+    assert store.has_blob(digest, len(data))
+
+
+def test_a_whole_partial_with_wrong_bytes_starts_over(store: ModelStore):
+    digest = "sha256:" + hashlib.sha256(b"right").hexdigest()
+    (store.blobs_dir / (digest[7:] + ".incomplete")).write_bytes(b"wrong")
+    assert store.partial_blob(digest, 5).size == 0
+
+
+def test_the_disk_reserve_is_proportionate():
+    mib, gib = 1024 * 1024, 1024 * 1024 * 1024
+    assert space.reserve(670 * 1024, 100 * gib) == 16 * mib  # a 670 KB import fits in 200 MB
+    assert space.reserve(2 * gib, 100 * gib) == 256 * mib
+    assert space.reserve(2 * gib, 1 * gib) == gib // 10  # a small volume keeps a tenth
+    with pytest.raises(space.InsufficientStorage) as refused:
+        space.check_free_space(Path("/"), 100 << 40, "a blob")
+    text = str(refused.value)
+    assert text.startswith("not enough disk space for a blob: it needs 100.0 TiB, ")
+    assert "is free and 256.0 MiB is kept in reserve" in text

@@ -24,12 +24,12 @@ import aiohttp
 
 from app.distribution import progress
 from app.distribution.auth import load_credentials
-from app.distribution.registry import Registry, RegistryError
+from app.distribution.registry import Registry, RegistryError, TooLarge
 from app.logging import get_logger
 from app.oci.manifest import Descriptor, Manifest, parse_config, parse_manifest
 from app.oci.reference import Reference
 from app.settings import Settings
-from app.store import IndexEntry, ModelStore, bundle
+from app.store import IndexEntry, ModelStore, bundle, space
 from app.store.partial import PartialBlob
 
 log = get_logger("pull")
@@ -121,8 +121,11 @@ class Puller:
         cached, has_config = await asyncio.to_thread(self._stored, model_id, manifest.config)
         plan = PullPlan(ref, registry, raw, manifest, model_id, cached)
         if cached is None and not has_config:
-            size = min(manifest.config.size, _MAX_CONFIG_BYTES)
-            plan.config_raw = await registry.blob_bytes(manifest.config.digest, size)
+            if manifest.config.size > _MAX_CONFIG_BYTES:
+                raise TooLarge(f"config of {ref} is larger than {space.human(_MAX_CONFIG_BYTES)}")
+            plan.config_raw = await registry.blob_bytes(
+                manifest.config.digest, manifest.config.size
+            )
             if "sha256:" + hashlib.sha256(plan.config_raw).hexdigest() != manifest.config.digest:
                 raise PullError(f"config blob digest mismatch for {manifest.config.digest}")
             parse_config(plan.config_raw)
@@ -140,20 +143,52 @@ class Puller:
             size = await asyncio.to_thread(self._size, plan.cached)
             yield progress.message("success", f"Using cached model: {size}")
             return
-        async with self._slots, contextlib.AsyncExitStack() as stack:
-            stack.enter_context(self.store.pinned(d.digest for d in plan.manifest.blobs))
-            if plan.config_raw:
-                await asyncio.to_thread(self._write_config, plan)
-            async with contextlib.aclosing(self._download_layers(plan)) as lines:
-                async for line in lines:
-                    yield line
-            tags = [plan.tag] if plan.tag else []
-            entry = await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
+        blobs = list({d.digest: d for d in plan.manifest.blobs}.values())
+        async with self._slots:
+            fresh: list[Descriptor] = []  # what this pull adds to the store
+            try:
+                with self.store.pinned(d.digest for d in blobs):
+                    fresh = await asyncio.to_thread(self._missing, blobs)
+                    await self._check_space(plan, fresh)
+                    async with contextlib.aclosing(self._download_layers(plan, fresh)) as lines:
+                        async for line in lines:
+                            yield line
+                    # The config goes in last: a pull that fails before it leaves no config.
+                    if plan.config_raw:
+                        await asyncio.to_thread(self._write_config, plan)
+                    tags = [plan.tag] if plan.tag else []
+                    entry = await asyncio.to_thread(self.store.add_model, plan.manifest_raw, tags)
+            except BaseException as exc:
+                await asyncio.shield(self._abandon(fresh, exc))
+                raise
             with contextlib.suppress(bundle.BundleError):  # e.g. safetensors: no llama.cpp bundle
                 await asyncio.to_thread(self.store.bundle, entry)
             log.info("model pulled", model=str(plan.ref), id=plan.model_id)
             # Still holding the slot: the next waiting pull starts only after this one reported.
             yield progress.message("success", "Model pulled successfully")
+
+    async def _check_space(self, plan: PullPlan, fresh: list[Descriptor]) -> None:
+        """Refuse before downloading anything what the disk cannot hold (with its reserve)."""
+        ours = {d.digest for d in fresh}
+        pending = sum(
+            d.descriptor.size - d.current for k, d in self._downloads.items() if k not in ours
+        )
+        await asyncio.to_thread(self._check_space_now, plan, fresh, pending)
+
+    def _check_space_now(self, plan: PullPlan, fresh: list[Descriptor], pending: int) -> None:
+        # Bytes a resumed download already has on disk are written; only the rest is needed.
+        needed = sum(max(0, d.size - self.store.partial_size(d.digest)) for d in fresh)
+        space.check_free_space(self.store.blobs_dir, needed, str(plan.ref), pending)
+
+    async def _abandon(self, fresh: list[Descriptor], exc: BaseException) -> None:
+        """A failed pull leaves no blob a model does not use: what it finished goes back to being
+        partial downloads for the next pull, or, when the disk is full, goes altogether."""
+        ours = {d.digest for d in fresh}
+        stopping = [t for k, t in self._stopping.items() if k in ours]
+        if stopping:  # a cancelled download may be publishing its blob right now
+            await asyncio.wait(stopping)
+        resumable = not space.is_disk_full(exc)
+        await asyncio.to_thread(self.store.discard_blobs, ours, resumable)
 
     def _size(self, entry: IndexEntry) -> str:
         try:
@@ -169,10 +204,13 @@ class Puller:
     def _missing(self, blobs: list[Descriptor]) -> list[Descriptor]:
         return [d for d in blobs if not self.store.has_blob(d.digest, d.size)]
 
-    async def _download_layers(self, plan: PullPlan) -> AsyncIterator[progress.Message]:
+    async def _download_layers(
+        self, plan: PullPlan, fresh: list[Descriptor]
+    ) -> AsyncIterator[progress.Message]:
         layers = {layer.digest: layer for layer in plan.manifest.layers}
         total = sum(layer.size for layer in layers.values())
-        missing = await asyncio.to_thread(self._missing, list(layers.values()))
+        wanted = {d.digest for d in fresh}
+        missing = [d for d in layers.values() if d.digest in wanted]
         queue: asyncio.Queue[progress.Message] = asyncio.Queue()
         waits = []
         for desc in missing:
@@ -227,27 +265,44 @@ class Puller:
         try:
             if partial.size:
                 log.info("resuming download", blob=desc.digest, offset=partial.size)
-            for attempt in range(1, BLOB_ATTEMPTS + 1):
-                try:
-                    await self._stream_into(partial, download, registry)
-                    break
-                except (
-                    aiohttp.ClientPayloadError,
-                    aiohttp.ClientConnectionError,
-                    TimeoutError,
-                ) as exc:
-                    if attempt == BLOB_ATTEMPTS:
-                        raise PullError(
-                            f"downloading {desc.digest} failed: {exc or 'timed out'}"
-                        ) from None
-                    log.warning(
-                        "blob download interrupted, resuming", blob=desc.digest, error=str(exc)
-                    )
-                    await asyncio.sleep(0.5 * attempt)
+            if partial.size < desc.size:
+                await self._download(partial, download, registry)
+            else:  # a whole layer a failed pull left behind: it needs no bytes, only checking
+                download.report(partial.size)
             await asyncio.to_thread(partial.commit)
-        except BaseException:
+        except BaseException as exc:
+            if space.is_disk_full(exc):
+                await asyncio.shield(asyncio.to_thread(partial.discard))
+                raise space.InsufficientStorage(
+                    f"the disk filled up while downloading {desc.digest}; its partial download "
+                    "was dropped to free the space"
+                ) from None
             await asyncio.shield(asyncio.to_thread(partial.close))
             raise
+
+    async def _download(
+        self, partial: PartialBlob, download: _Download, registry: Registry
+    ) -> None:
+        """Fetch the rest of the blob; a network blip is resumed where it stopped."""
+        for attempt in range(1, BLOB_ATTEMPTS + 1):
+            try:
+                await self._stream_into(partial, download, registry)
+                return
+            except (
+                aiohttp.ClientPayloadError,
+                aiohttp.ClientConnectionError,
+                TimeoutError,
+            ) as exc:
+                if attempt == BLOB_ATTEMPTS:
+                    raise PullError(
+                        f"downloading {download.descriptor.digest} failed: {exc or 'timed out'}"
+                    ) from None
+                log.warning(
+                    "blob download interrupted, resuming",
+                    blob=download.descriptor.digest,
+                    error=str(exc),
+                )
+                await asyncio.sleep(0.5 * attempt)
 
     async def _stream_into(
         self, partial: PartialBlob, download: _Download, registry: Registry

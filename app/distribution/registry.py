@@ -19,8 +19,9 @@ import aiohttp
 
 from app import __version__
 from app.distribution.auth import Credentials, parse_challenge
-from app.oci.manifest import MANIFEST_MEDIA_TYPE
+from app.oci.manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES
 from app.oci.reference import DEFAULT_REGISTRY, Reference
+from app.store.space import human
 
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -33,6 +34,11 @@ MANIFEST_ACCEPT = ", ".join(
 METADATA_TIMEOUT = aiohttp.ClientTimeout(total=8, sock_connect=5)
 BLOB_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
 _MAX_REDIRECTS = 5
+# Every reply held in memory is read while it streams and cut at a cap: a hostile registry's
+# endless manifest or error body must not be read whole first (1.5 GB took 3 GB of memory).
+# Tokens are JWTs of a few KiB; only the start of an error body is ever shown.
+MAX_TOKEN_BYTES = 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
 _USER_AGENT = f"model-runner/{__version__}"
 
 
@@ -50,6 +56,10 @@ class NotFound(RegistryError):
 
 class Unreachable(RegistryError):
     pass
+
+
+class TooLarge(RegistryError):
+    """A registry reply is larger than any sane one; the registry is broken or hostile."""
 
 
 @dataclass
@@ -153,7 +163,8 @@ class Registry:
                     return False
                 if resp.status != 200:
                     raise RegistryError(f"token server {url} answered {resp.status}")
-                doc = await resp.json(content_type=None)
+                too_large = f"the token reply from {url} is larger than {human(MAX_TOKEN_BYTES)}"
+                doc = json.loads(await read_capped(resp, MAX_TOKEN_BYTES, too_large))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise Unreachable(f"cannot get a registry token from {url}: {_describe(exc)}") from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
@@ -165,8 +176,12 @@ class Registry:
     async def _check(self, resp: aiohttp.ClientResponse, what: str) -> None:
         if resp.status < 300:
             return
-        body = await resp.text(errors="replace")
+        try:
+            prefix = await read_capped(resp, MAX_ERROR_BYTES, None)
+        except (aiohttp.ClientError, TimeoutError):
+            prefix = b""  # the status says enough
         resp.release()
+        body = prefix.decode(errors="replace")
         codes = _error_codes(body)
         if resp.status == 404 or codes & {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}:
             raise NotFound(f"{what}: not found")
@@ -183,20 +198,16 @@ class Registry:
         )
         await self._check(resp, f"manifest {self.ref}")
         async with resp:
-            raw = await resp.read()
+            too_large = f"manifest of {self.ref} is larger than {human(MAX_MANIFEST_BYTES)}"
+            raw = await read_capped(resp, MAX_MANIFEST_BYTES, too_large)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         return raw, media_type
 
     async def blob_bytes(self, digest: str, limit: int) -> bytes:
         resp = await self._send("GET", f"{self.base}/blobs/{digest}")
         await self._check(resp, f"blob {digest}")
-        data = bytearray()
         async with resp:
-            async for chunk in resp.content.iter_any():
-                data += chunk
-                if len(data) > limit:
-                    raise RegistryError(f"blob {digest} is larger than its manifest says")
-        return bytes(data)
+            return await read_capped(resp, limit, f"blob {digest} is larger than its manifest says")
 
     async def open_blob(self, digest: str, offset: int) -> aiohttp.ClientResponse:
         """A streaming response for a blob; 206 when the registry honoured ``offset``."""
@@ -269,6 +280,22 @@ class Registry:
         )
         await self._check(resp, f"manifest {self.ref}")
         resp.release()
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int, too_large: str | None) -> bytes:
+    """The body, read as it streams and never past ``cap`` bytes: beyond it, raise TooLarge with
+    ``too_large``, or with None keep the first ``cap`` bytes. A ``Content-Length`` over the cap is
+    refused before reading; one under it proves nothing (the stream is counted anyway)."""
+    if too_large is not None and (resp.content_length or 0) > cap:
+        raise TooLarge(too_large)
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > cap:
+            if too_large is not None:
+                raise TooLarge(too_large)
+            return bytes(data[:cap])
+    return bytes(data)
 
 
 def _error_codes(body: str) -> set[str]:

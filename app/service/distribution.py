@@ -16,7 +16,7 @@ from app.oci import reference
 from app.oci.blobs import BlobSource, file_source
 from app.oci.manifest import InvalidManifest, UnsupportedConfig, parse_manifest
 from app.settings import Settings
-from app.store import ModelNotFound, ModelStore, StoreError
+from app.store import ModelNotFound, ModelStore, StoreError, space
 from app.store.bundle import BundleError
 from app.store.partial import PartialBlobError
 
@@ -34,13 +34,22 @@ def _mapped(action: str) -> Iterator[None]:
         raise errors.NotFound("Model not found") from None
     except UnsupportedConfig as exc:
         raise errors.Unsupported(str(exc)) from None
+    except registry.TooLarge as exc:
+        raise errors.Unsupported(f"error while {action} model: {exc}") from None
+    except space.InsufficientStorage as exc:
+        raise errors.InsufficientStorage(f"error while {action} model: {exc}") from None
+    except OSError as exc:
+        if not space.is_disk_full(exc):
+            raise errors.ServiceError(f"error while {action} model: {exc}") from None
+        raise errors.InsufficientStorage(
+            f"error while {action} model: no space left on the disk"
+        ) from None
     except (
         registry.RegistryError,
         InvalidManifest,
         StoreError,
         PartialBlobError,
         BundleError,
-        OSError,
     ) as exc:
         raise errors.ServiceError(f"error while {action} model: {exc}") from None
 
@@ -73,7 +82,7 @@ class DistributionService:
         """Push a stored model under the name it is asked for by."""
         with _mapped("pushing"):
             raw, blobs = await asyncio.to_thread(self._stored, ref)
-        return await self.prepare_push_blobs(ref, raw, blobs, bearer_token)
+        return await prepare_push_blobs(self.session, self.settings, ref, raw, blobs, bearer_token)
 
     def _stored(self, ref: str) -> tuple[bytes, list[BlobSource]]:
         """A stored model's manifest and blobs (reads the index and the manifest)."""
@@ -81,25 +90,35 @@ class DistributionService:
         blobs = parse_manifest(raw).blobs
         return raw, [file_source(d, self.store.blob_path(d.digest)) for d in blobs]
 
-    async def prepare_push_blobs(
-        self, ref: str, manifest_raw: bytes, blobs: list[BlobSource], bearer_token: str | None
-    ) -> PushJob:
-        """Everything that can fail with a clean status before progress starts: the name,
-        the registry's answer, and our right to push there."""
-        with _mapped("pushing"):
-            target = self.store.parse_reference(ref)
-            if reference.looks_like_id(ref.strip()) or target.digest:
-                raise reference.InvalidReference("push needs a name with a tag, not an ID")
-            reg = await pull.open_registry(self.session, target, self.settings, bearer_token)
-            await reg.check_push_access()
-        layers = {d.digest for d in parse_manifest(manifest_raw).layers}
-        total = sum(b.descriptor.size for b in blobs if b.descriptor.digest in layers)
-        return PushJob(reg, manifest_raw, blobs, total)
-
     def push(self, job: PushJob) -> AsyncIterator[progress.Message]:
-        return _mapped_stream(
-            push.push(job.registry, job.manifest_raw, job.blobs, job.total), "pushing"
-        )
+        return push_stream(job)
+
+
+async def prepare_push_blobs(
+    session: aiohttp.ClientSession,
+    settings: Settings,
+    ref: str,
+    manifest_raw: bytes,
+    blobs: list[BlobSource],
+    bearer_token: str | None,
+) -> PushJob:
+    """Everything that can fail with a clean status before progress starts: the name, the
+    registry's answer, and our right to push there. It needs no store (``package --push``)."""
+    with _mapped("pushing"):
+        target = reference.parse(ref, settings.default_registry)
+        if reference.looks_like_id(ref.strip()) or target.digest:
+            raise reference.InvalidReference("push needs a name with a tag, not an ID")
+        reg = await pull.open_registry(session, target, settings, bearer_token)
+        await reg.check_push_access()
+    layers = {d.digest for d in parse_manifest(manifest_raw).layers}
+    total = sum(b.descriptor.size for b in blobs if b.descriptor.digest in layers)
+    return PushJob(reg, manifest_raw, blobs, total)
+
+
+def push_stream(job: PushJob) -> AsyncIterator[progress.Message]:
+    return _mapped_stream(
+        push.push(job.registry, job.manifest_raw, job.blobs, job.total), "pushing"
+    )
 
 
 async def _mapped_stream(

@@ -7,6 +7,7 @@ callers await them from the event loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from app import errors
@@ -18,11 +19,32 @@ from app.oci.manifest import InvalidManifest, UnsupportedConfig
 from app.oci.tarball import iter_tar
 from app.service import in_thread
 from app.service.views import model_json, openai_json
-from app.store import IndexEntry, ModelNotFound, ModelStore, MultipleTags, StoreError, importer
+from app.store import (
+    IndexEntry,
+    ModelNotFound,
+    ModelStore,
+    MultipleTags,
+    StoreError,
+    importer,
+    space,
+)
 
 log = get_logger("models")
 
 _DELETE_NOT_FOUND = "error while deleting model: model not found"
+
+
+@contextmanager
+def _disk_full_is_507(action: str) -> Iterator[None]:
+    """A full disk is for the client to know about (507), not an internal error (500)."""
+    try:
+        yield
+    except OSError as exc:
+        if not space.is_disk_full(exc):
+            raise
+        raise errors.InsufficientStorage(
+            f"error while {action} model: no space left on the disk"
+        ) from None
 
 
 def _invalid_reference(exc: reference.InvalidReference) -> errors.BadRequest:
@@ -84,6 +106,7 @@ class ModelService:
 
     # -- changes --------------------------------------------------------------------------
     @in_thread
+    @_disk_full_is_507("deleting")
     def delete_model(self, ref: str, force: bool) -> list[dict[str, str]]:
         entry = self._resolve(ref, errors.NotFound(_DELETE_NOT_FOUND))
         text = ref.strip()
@@ -105,6 +128,7 @@ class ModelService:
         return [*({"Untagged": t} for t in deleted.tags), {"Deleted": deleted.id}]
 
     @in_thread
+    @_disk_full_is_507("tagging")
     def tag_model(self, ref: str, repo: str, tag: str) -> dict[str, str]:
         if not repo or not tag:
             raise errors.BadRequest("missing repo or tag query parameter")
@@ -125,6 +149,7 @@ class ModelService:
         self.store.purge()
 
     @in_thread
+    @_disk_full_is_507("loading")
     def load(self, stream: BinaryIO) -> tuple[IndexEntry, dict[str, Any]]:
         """Import a model tarball; the entry is untagged, as in DMR (the client tags it).
 
@@ -136,7 +161,7 @@ class ModelService:
             raise errors.Unsupported(str(exc)) from None
         except (importer.InvalidArchive, InvalidManifest) as exc:
             raise errors.BadRequest(f"error while loading model: {exc}") from None
-        except importer.InsufficientStorage as exc:
+        except space.InsufficientStorage as exc:
             raise errors.InsufficientStorage(f"error while loading model: {exc}") from None
         log.info("model loaded", model=entry.id)
         return entry, progress.message("success", "Model loaded successfully")

@@ -2,15 +2,15 @@
 
 The archive is read as a stream (it arrives over HTTP). Every blob is hashed while written and
 kept only if it matches its name; the manifest must be valid and name only blobs that are stored;
-the index entry comes last. On any failure the blobs this import added are removed again, so a
-truncated or hostile upload leaves nothing behind.
+the index entry comes last. Blobs the manifest does not name are not kept (nothing would ever
+delete them). On any failure the blobs this import added are removed again, so a truncated or
+hostile upload leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import tarfile
 from typing import BinaryIO
 
@@ -22,14 +22,11 @@ from app.oci.manifest import (
     parse_manifest,
 )
 from app.oci.tarball import BLOBS_DIR, CHUNK, MANIFEST_NAME
-from app.store import bundle
+from app.store import bundle, space
 from app.store.store import DigestMismatch, IndexEntry, ModelStore
 
 _BLOB_NAME = re.compile(rf"^{BLOBS_DIR}/([0-9a-f]{{64}})$")
 _DIRS = {"blobs", BLOBS_DIR}
-# Room left on the disk after a blob is written, so an import cannot fill it to the last byte.
-_DISK_RESERVE = 256 * 1024 * 1024
-
 
 # Extended headers (PAX, GNU long names) are read whole into memory by tarfile; ours are tiny.
 _MAX_EXTENDED_HEADER = 64 * 1024
@@ -54,10 +51,6 @@ class InvalidArchive(ValueError):
     """The upload is not a model tarball; the message says what is wrong with it."""
 
 
-class InsufficientStorage(OSError):
-    pass
-
-
 def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
     added: list[str] = []
     try:
@@ -66,6 +59,7 @@ def import_tar(store: ModelStore, stream: BinaryIO) -> IndexEntry:
     except BaseException:
         store.discard_blobs(added)  # after our own pins are released
         raise
+    store.discard_blobs(d for d in added if d not in entry.files)
     with contextlib.suppress(bundle.BundleError):  # not a llama.cpp model: no bundle to make
         store.bundle(entry)
     return entry
@@ -99,23 +93,30 @@ def _read_members(
     store: ModelStore, stream: BinaryIO, added: list[str], pins: contextlib.ExitStack
 ) -> bytes:
     manifest: bytes | None = None
+    named: set[str] | None = None  # once the manifest is read: the blobs worth writing
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 name = member.name.removeprefix("./").rstrip("/")
                 if member.isdir() and name in _DIRS:
                     continue
+                if member.issparse():
+                    # Its holes expand on extraction: a few KiB of upload could write GiBs.
+                    raise InvalidArchive(f"sparse archive entry {member.name!r} is not accepted")
                 if not member.isreg():
                     raise InvalidArchive(f"unexpected archive entry {member.name!r}")
                 if name == MANIFEST_NAME:
                     if member.size > MAX_MANIFEST_BYTES:
                         raise InvalidArchive("manifest.json is too large")
                     manifest = _read_all(tar, member)
+                    named = _named(manifest)
                     continue
                 m = _BLOB_NAME.match(name)
                 if not m:
                     raise InvalidArchive(f"unexpected archive entry {member.name!r}")
                 digest = "sha256:" + m.group(1)
+                if named is not None and digest not in named:
+                    continue  # the stream skips past its bytes
                 # Kept from deletion by other requests until this import commits or fails.
                 pins.enter_context(store.pinned([digest]))
                 if _store_blob(store, tar, member, digest):
@@ -125,6 +126,14 @@ def _read_members(
     if manifest is None:
         raise InvalidArchive("archive has no manifest.json")
     return manifest
+
+
+def _named(manifest_raw: bytes) -> set[str] | None:
+    """The blobs a manifest names; None when it is invalid (that is reported once all is read)."""
+    try:
+        return {d.digest for d in parse_manifest(manifest_raw).blobs}
+    except InvalidManifest:
+        return None
 
 
 def _read_all(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -146,8 +155,7 @@ def _store_blob(
         while f.read(CHUNK):  # a stream archive cannot seek past it
             pass
         return False
-    if shutil.disk_usage(store.blobs_dir).free < member.size + _DISK_RESERVE:
-        raise InsufficientStorage(f"not enough disk space for blob {digest} ({member.size} bytes)")
+    space.check_free_space(store.blobs_dir, member.size, f"blob {digest}")
     with store.blob_writer(digest) as w:
         while chunk := f.read(CHUNK):
             w.write(chunk)

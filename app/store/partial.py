@@ -52,10 +52,14 @@ class PartialBlob:
         while chunk := self._file.read(_READ):
             self._sha.update(chunk)
             size += len(chunk)
-        if size > self.expected_size:
-            self.restart()
+        whole = size == self.expected_size
+        if size > self.expected_size or (whole and self._hex() != self.digest):
+            self.restart()  # nothing more to fetch could make these bytes right
             return 0
         return size
+
+    def _hex(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
 
     def restart(self) -> None:
         """Throw away what is there (the server ignored Range, or the bytes are too many)."""
@@ -79,7 +83,7 @@ class PartialBlob:
 
     def commit(self) -> None:
         """Verify and publish the blob; a mismatch deletes the partial so no retry reuses it."""
-        actual = "sha256:" + self._sha.hexdigest()
+        actual = self._hex()
         if actual != self.digest or self.size != self.expected_size:
             self._file.close()
             self.path.unlink(missing_ok=True)
@@ -99,7 +103,21 @@ class PartialBlob:
             return
         with contextlib.suppress(OSError):
             self._file.flush()
-        self._file.close()
+        with contextlib.suppress(OSError):  # a full disk can fail the close's flush too
+            self._file.close()
+
+    def discard(self) -> None:
+        """Stop here and drop the bytes (the disk is full: keeping them would keep it full)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def demote(final: Path) -> None:
+    """Turn a published blob back into a partial download: a failed pull's finished layers wait
+    for the next pull as ``.incomplete`` files (which it commits without fetching again)."""
+    with contextlib.suppress(OSError):  # a partial is there already, or no hard links here
+        os.link(final, final.with_name(final.name + SUFFIX))
+    final.unlink(missing_ok=True)
 
 
 def remove_stale(directory: Path, now: float | None = None) -> None:

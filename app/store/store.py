@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,12 +27,15 @@ from app.oci.manifest import Manifest, parse_manifest
 from app.store import bundle as bundle_mod
 from app.store.atomic import AtomicFile, remove_abandoned, write_atomic
 from app.store.bundle import Bundle
-from app.store.partial import PartialBlob, remove_stale
+from app.store.partial import SUFFIX, PartialBlob, demote, remove_stale
 
 LAYOUT_VERSION = "1.0.0"
 # What a store holds at its top level; purge removes these and nothing else.
 _STORE_NAMES = ("layout.json", "models.json", "blobs", "manifests", "bundles")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+# A blob no model names is garbage, unless it is younger than this: another process (``package
+# --store``) writes a model's blobs before it commits the model, and its pins are not ours.
+ORPHAN_GRACE_S = 3600
 
 
 class StoreError(Exception):
@@ -221,6 +225,14 @@ class ModelStore:
         """Open (or resume) a download of a blob; see app.store.partial."""
         return PartialBlob(self.blob_path(digest), digest, size)
 
+    def partial_size(self, digest: str) -> int:
+        """Bytes a resumable download of this blob already has on disk."""
+        path = self.blob_path(digest)
+        try:
+            return path.with_name(path.name + SUFFIX).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def manifest_bytes(self, entry: IndexEntry) -> bytes:
         return (self.manifests_dir / entry.hex).read_bytes()
 
@@ -311,20 +323,35 @@ class ModelStore:
         self._write_index(rest)  # commit point: from here the model is gone
         shutil.rmtree(self.bundles_dir / doomed.hex, ignore_errors=True)
         (self.manifests_dir / doomed.hex).unlink(missing_ok=True)
-        self._drop_unused(doomed.files, rest)
+        # Besides the model's own blobs, any that crashes or older builds left unreferenced.
+        for digest in self._unused([*doomed.files, *self._orphans()], rest):
+            self.blob_path(digest).unlink(missing_ok=True)
         return doomed
 
-    def _drop_unused(self, digests: Iterable[str], entries: list[IndexEntry]) -> None:
-        """Delete blobs no model uses and no import or pull in progress is counting on."""
+    def _unused(self, digests: Iterable[str], entries: list[IndexEntry]) -> list[str]:
+        """Those of ``digests`` no model uses and no import or pull in progress counts on."""
         used = {f for e in entries for f in e.files} | set(self._pins)
-        for digest in digests:
-            if digest not in used:
-                self.blob_path(digest).unlink(missing_ok=True)
+        return [d for d in dict.fromkeys(digests) if d not in used]
 
-    def discard_blobs(self, digests: Iterable[str]) -> None:
-        """Drop blobs an aborted import wrote, unless a committed model uses them."""
+    def _orphans(self) -> list[str]:
+        cutoff = time.time() - ORPHAN_GRACE_S
+        found = []
+        for path in self.blobs_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if _HEX.match(path.name) and path.stat().st_mtime < cutoff:
+                    found.append("sha256:" + path.name)
+        return found
+
+    def discard_blobs(self, digests: Iterable[str], resumable: bool = False) -> None:
+        """Drop blobs an aborted import or pull wrote, unless a committed model or a pin uses
+        them; ``resumable`` turns each back into a partial download for the next pull instead."""
         with self._locked():
-            self._drop_unused(digests, self.entries())
+            for digest in self._unused(digests, self.entries()):
+                path = self.blob_path(digest)
+                if resumable:
+                    demote(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def pinned(self, digests: Iterable[str]) -> Iterator[None]:
