@@ -110,7 +110,9 @@ def small_disk(server: Server) -> Iterator[Callable[[int], Server]]:
         shutil.rmtree(server.models_path)
         server.models_path.mkdir()
         cmd = ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(server.models_path)]
-        subprocess.run(cmd, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # root without the right to mount (a locked-down container)
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(server.models_path)
         server.start()
         return server
