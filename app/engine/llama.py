@@ -23,6 +23,18 @@ class LlamaError(RuntimeError):
     pass
 
 
+class TooManyTokens(LlamaError):
+    def __init__(self, at_least: int) -> None:
+        super().__init__(f"at least {at_least} tokens")
+        self.at_least = at_least
+
+
+# A text is first tokenized this far (in characters), then four times as far, and so on.
+_PROBE_CHARS = 64 * 1024
+# Tokens a cut can add: the end of the prefix, say half a word or of a special token, on its own.
+_PROBE_SLACK = 16
+
+
 def init_backend(quiet: bool = True) -> None:
     global _initialized, _log_callback
     with _init_lock:
@@ -94,6 +106,25 @@ class Model:
             buf = (L.llama_token * cap)()
             n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
+
+    def count_tokens(self, text: str, add_special: bool, parse_special: bool = True) -> int:
+        data = text.encode("utf-8")
+        buf = (L.llama_token * 1)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, 0, add_special, parse_special)
+        return -n if n < 0 else n
+
+    def tokenize_at_most(self, text: str, limit: int, add_special: bool) -> list[int]:
+        """The text's tokens, unless it clearly has more than ``limit``: then ``TooManyTokens``,
+        found from a prefix of the text. llama.cpp's tokenizer takes time that grows faster than
+        the text, with special tokens in it (22 s for 1.8 MB of chat), and a prompt that cannot
+        fit needs no more than a count that proves it."""
+        size = _PROBE_CHARS
+        while size < len(text):
+            n = self.count_tokens(text[:size], add_special)
+            if n - _PROBE_SLACK > limit:
+                raise TooManyTokens(n - _PROBE_SLACK)
+            size *= 4
+        return self.tokenize(text, add_special, True)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(128)

@@ -20,7 +20,7 @@ from aiohttp import web
 from app.runner import lifeline
 
 if TYPE_CHECKING:
-    from app.engine.engine import Engine
+    from app.runner.serving import Runtime
 
 
 def main() -> int:
@@ -52,6 +52,7 @@ def main() -> int:
     from app.engine.engine import Engine
     from app.engine.llama import LlamaError, Model
     from app.runner.chat import ChatTemplate, TemplateError
+    from app.runner.render import Renderer
     from app.runner.routes import create_app
     from app.runner.serving import Runtime
 
@@ -67,12 +68,15 @@ def main() -> int:
             source = (
                 args.chat_template.read_text() if args.chat_template else model.info.chat_template
             )
-            runtime.template = ChatTemplate(source, model.info.bos_text, model.info.eos_text)
+            bos, eos = model.info.bos_text, model.info.eos_text
+            # Compiled here only to fail the load with its error; the renderer's workers render.
+            template = ChatTemplate(source, bos, eos)
+            runtime.renderer = Renderer(template.source, bos, eos)
             runtime.engine = Engine(model, ctx, args.parallel, args.threads)
     except (LlamaError, TemplateError, OSError) as exc:
         print(f"failed to load model: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(_serve(create_app(runtime), args.socket, runtime.engine))
+    asyncio.run(_serve(create_app(runtime), args.socket, runtime))
     return 0
 
 
@@ -90,12 +94,14 @@ def _gpu_layers(asked: int) -> int:
     return 999 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
-async def _serve(app: web.Application, socket: Path, engine: Engine | None) -> None:
+async def _serve(app: web.Application, socket: Path, runtime: Runtime) -> None:
     # The front drains requests before it stops a runner; whatever is left here is cut.
     web_runner = web.AppRunner(
         app, handle_signals=False, handler_cancellation=True, shutdown_timeout=1
     )
     await web_runner.setup()
+    if runtime.renderer is not None:
+        await runtime.renderer.start()
     socket.unlink(missing_ok=True)
     await web.UnixSite(web_runner, str(socket)).start()
     stop = asyncio.Event()
@@ -104,8 +110,10 @@ async def _serve(app: web.Application, socket: Path, engine: Engine | None) -> N
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await web_runner.cleanup()
-    if engine is not None:  # while the loop still runs: the engine's last events land safely
-        await asyncio.to_thread(engine.close)
+    if runtime.renderer is not None:
+        await runtime.renderer.close()
+    if runtime.engine is not None:  # while the loop runs: the engine's last events land safely
+        await asyncio.to_thread(runtime.engine.close)
 
 
 if __name__ == "__main__":

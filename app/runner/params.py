@@ -11,6 +11,13 @@ from app.engine.sampling import SamplingParams
 
 _MAX_REPEAT = 1000
 _MAX_GRAMMAR = 256 * 1024
+# Schema lengths and item counts (minLength, maxItems...): the converter writes out every
+# repetition they ask for (minLength 100000000: a 500 MB grammar, 1.5 GB of memory for 4 s), and
+# llama.cpp's grammar parser recurses once per nested one (maxLength 19000 crashed the runner).
+# Each count may be up to _MAX_COUNT, all of them together _MAX_COUNTS (a 100,000-repetition
+# grammar takes milliseconds to write, then is refused by _MAX_GRAMMAR if it is too large).
+_MAX_COUNT = 10_000
+_MAX_COUNTS = 100_000
 
 
 class ParamError(ValueError):
@@ -139,6 +146,7 @@ def _grammar(body: dict[str, Any]) -> str | None:
             raise ParamError(
                 "'response_format.json_schema.schema' must be an object", "response_format"
             )
+        _check_counts(schema)
         text = json.dumps(schema)
         # llama.cpp expands {m,n} repetitions into the grammar; huge counts crash it.
         if any(int(n) > _MAX_REPEAT for n in re.findall(r"\{\d*,?(\d+)\}", text)):
@@ -153,6 +161,37 @@ def _grammar(body: dict[str, Any]) -> str | None:
             raise ParamError("the JSON schema makes too large a grammar", "response_format")
         return grammar
     raise ParamError(f"unknown response_format type {fmt.get('type')!r}", "response_format")
+
+
+def _check_counts(schema: dict[str, Any]) -> None:
+    """Refuse a schema whose lengths and item counts would make a huge grammar: each one, and
+    all of them together, since every one the schema holds adds its own repetitions."""
+    total = 0
+    todo: list[Any] = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            todo.extend(node.values())
+            for family in ("Length", "Items"):
+                # minLength 5 and maxLength 9 write out 9 repetitions: 5, then 4 optional ones.
+                total += max(_count(node, bound + family) for bound in ("min", "max"))
+    if total > _MAX_COUNTS:
+        raise ParamError(
+            f"the JSON schema's lengths and item counts add up to {total}, more than the "
+            f"{_MAX_COUNTS} supported",
+            "response_format",
+        )
+
+
+def _count(node: dict[str, Any], key: str) -> int:
+    value = node.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return 0  # not a count: the converter refuses it, or ignores it
+    if not 0 <= value <= _MAX_COUNT:  # NaN too
+        raise ParamError(f"'{key}' must be from 0 to {_MAX_COUNT}, not {value}", "response_format")
+    return int(value)
 
 
 def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:

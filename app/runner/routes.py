@@ -5,13 +5,15 @@ Handlers stay thin: read the body, let serving do the work, render through proto
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from app.json_body import InvalidJSON, parse_object
 from app.runner import serving
-from app.runner.chat import TemplateError
+from app.runner.chat import TemplateError, TemplateFailed
 from app.runner.params import ParamError
 from app.runner.protocol import Reply, embeddings_body, error_body, sse
 from app.runner.serving import Collected, InFlight, Runtime
@@ -37,6 +39,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return openai_error(400, str(exc))
     except TemplateError as exc:
         return openai_error(400, str(exc), "messages")
+    except TemplateFailed as exc:
+        return openai_error(500, str(exc), kind="server_error")
     except web.HTTPException as exc:
         return openai_error(exc.status, exc.reason)
 
@@ -57,8 +61,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     # Checked before the body is read, so an embedding runner refuses whatever is sent.
     engine = rt.require_engine()
-    body = parse_object(await request.read())
-    with serving.generate(rt, engine, body, chat) as flight:
+    body = await _body(request)
+    async with serving.generate(rt, engine, body, chat) as flight:
         reply = Reply(
             chat=chat,
             model=rt.name,
@@ -78,12 +82,15 @@ async def _stream(request: web.Request, reply: Reply, flight: InFlight) -> web.S
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    for payload in reply.stream_start():
-        await response.write(sse(payload))
-    async for event in flight.events():
-        for payload in reply.stream_event(event):
+    try:
+        for payload in reply.stream_start():
             await response.write(sse(payload))
-    await response.write_eof()
+        async for event in flight.events():
+            for payload in reply.stream_event(event):
+                await response.write(sse(payload))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left between two events: nobody to tell, and the job is cancelled
     return response
 
 
@@ -91,10 +98,15 @@ async def embeddings(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     # Checked before the body is read, so a completion runner refuses whatever is sent.
     embedder = rt.require_embedder()
-    result = await serving.embed(rt, embedder, parse_object(await request.read()))
+    result = await serving.embed(rt, embedder, await _body(request))
     return web.json_response(
         embeddings_body(result.vectors, result.encoding, rt.name, result.prompt_tokens)
     )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    # Off the event loop: a body may be 10 MiB of JSON, and streams wait while the loop parses.
+    return await asyncio.to_thread(parse_object, await request.read())
 
 
 def create_app(runtime: Runtime) -> web.Application:

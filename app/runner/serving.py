@@ -7,15 +7,14 @@ Every refusal is a ``ParamError``, which routes answer as an OpenAI 400.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from app.engine.embed import Embedder
 from app.engine.engine import Engine, Event, Failed, Finished, Request, Token, TokenLogprob
-from app.engine.llama import LlamaError, Model
-from app.runner.chat import ChatTemplate
+from app.engine.llama import LlamaError, Model, TooManyTokens
 from app.runner.params import (
     Generation,
     ParamError,
@@ -24,6 +23,7 @@ from app.runner.params import (
     parse_messages,
     parse_prompt,
 )
+from app.runner.render import Renderer
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Runtime:
     ctx_size: int
     engine: Engine | None = None
     embedder: Embedder | None = None
-    template: ChatTemplate | None = None
+    renderer: Renderer | None = None  # completion mode only
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -88,22 +88,22 @@ class InFlight:
         raise AssertionError("the engine's events end with Finished or Failed")
 
 
-@contextmanager
-def generate(rt: Runtime, engine: Engine, body: dict[str, Any], chat: bool) -> Iterator[InFlight]:
+@asynccontextmanager
+async def generate(
+    rt: Runtime, engine: Engine, body: dict[str, Any], chat: bool
+) -> AsyncIterator[InFlight]:
     """Check the request, submit it, and cancel the job when the caller is done with it."""
-    params = parse_generation(body, rt.model.info.n_vocab, chat)
-    tokens, field = _prompt_tokens(rt, body, chat)
+    # Parsing (a JSON schema's grammar included), rendering, tokenizing and compiling the grammar
+    # all run off the event loop: on it, one large or hostile request stalls every stream.
+    params = await asyncio.to_thread(parse_generation, body, rt.model.info.n_vocab, chat)
+    tokens, field = await _prompt_tokens(rt, body, chat)
     if not tokens:
         raise ParamError(f"the {field} is empty", field)
     grammar = params.sampling.grammar
-    if grammar and not rt.model.grammar_compiles(grammar):
+    if grammar and not await asyncio.to_thread(rt.model.grammar_compiles, grammar):
         raise ParamError("llama.cpp cannot compile the grammar for this schema", "response_format")
     if len(tokens) >= rt.ctx_size:
-        raise ParamError(
-            f"the prompt is {len(tokens)} tokens, more than the context size of "
-            f"{rt.ctx_size} tokens allows (it must leave room for at least one more)",
-            field,
-        )
+        raise _too_long(str(len(tokens)), rt.ctx_size, field)
     max_tokens = min(params.max_tokens or rt.ctx_size, rt.ctx_size - len(tokens))
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -126,18 +126,35 @@ def generate(rt: Runtime, engine: Engine, body: dict[str, Any], chat: bool) -> I
         engine.cancel(job)
 
 
-def _prompt_tokens(rt: Runtime, body: dict[str, Any], chat: bool) -> tuple[list[int], str]:
+async def _prompt_tokens(rt: Runtime, body: dict[str, Any], chat: bool) -> tuple[list[int], str]:
     """The prompt as tokens, and the request field it came from (for error messages)."""
     if not chat:
-        prompt = parse_prompt(body, rt.model.info.n_vocab)
-        tokens = prompt if isinstance(prompt, list) else rt.model.tokenize(prompt, True, True)
-        return tokens, "prompt"
-    assert rt.template is not None
-    text = rt.template.render(parse_messages(body), body.get("tools"))
+        prompt = await asyncio.to_thread(parse_prompt, body, rt.model.info.n_vocab)
+        if isinstance(prompt, list):
+            return prompt, "prompt"
+        return await asyncio.to_thread(_tokenize, rt, prompt, True, "prompt"), "prompt"
+    assert rt.renderer is not None
+    messages = await asyncio.to_thread(parse_messages, body)
+    text = await rt.renderer.render(messages, body.get("tools"))
     bos = rt.model.info.bos_text
     # Templates that write the BOS themselves must not get a second one from the tokenizer.
     add_bos = rt.model.info.add_bos and not (bos and text.startswith(bos))
-    return rt.model.tokenize(text, add_special=add_bos, parse_special=True), "messages"
+    return await asyncio.to_thread(_tokenize, rt, text, add_bos, "messages"), "messages"
+
+
+def _tokenize(rt: Runtime, text: str, add_bos: bool, field: str) -> list[int]:
+    try:
+        return rt.model.tokenize_at_most(text, rt.ctx_size - 1, add_bos)
+    except TooManyTokens as exc:
+        raise _too_long(f"at least {exc.at_least}", rt.ctx_size, field) from None
+
+
+def _too_long(count: str, ctx_size: int, field: str) -> ParamError:
+    return ParamError(
+        f"the prompt is {count} tokens, more than the context size of {ctx_size} tokens allows "
+        "(it must leave room for at least one more)",
+        field,
+    )
 
 
 @dataclass(frozen=True)
@@ -148,7 +165,7 @@ class Embeddings:
 
 
 async def embed(rt: Runtime, embedder: Embedder, body: dict[str, Any]) -> Embeddings:
-    inputs = parse_inputs(body, rt.model.info.n_vocab)
+    inputs = await asyncio.to_thread(parse_inputs, body, rt.model.info.n_vocab)
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise ParamError("'encoding_format' must be 'float' or 'base64'", "encoding_format")
@@ -161,10 +178,20 @@ async def embed(rt: Runtime, embedder: Embedder, body: dict[str, Any]) -> Embedd
     vectors: list[list[float]] = []
     used = 0
     for item in inputs:
-        tokens = item if isinstance(item, list) else rt.model.tokenize(item, True, True)
+        tokens = item if isinstance(item, list) else await asyncio.to_thread(_tokens_of, rt, item)
         used += len(tokens)
         try:
             vectors.append(await asyncio.to_thread(embedder.embed, tokens))
         except LlamaError as exc:
             raise ParamError(str(exc), "input") from None
     return Embeddings(vectors, encoding, used)
+
+
+def _tokens_of(rt: Runtime, text: str) -> list[int]:
+    try:
+        return rt.model.tokenize_at_most(text, rt.ctx_size, True)
+    except TooManyTokens as exc:
+        raise ParamError(
+            f"input is at least {exc.at_least} tokens, more than the context size {rt.ctx_size}",
+            "input",
+        ) from None
