@@ -11,9 +11,11 @@ from aiohttp import web
 
 from app.api.inflight import cut_by_shutdown
 from app.api.responses import mark_streaming, read_body, read_json
+from app.logging import get_logger
 from app.service.inference import ROUTES, InferenceService, RunnerDied
 
 INFERENCE = web.AppKey("inference_service", InferenceService)
+log = get_logger("inference")
 
 __all__ = ["INFERENCE", "ROUTES", "handler"]
 
@@ -60,6 +62,12 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             if response is None or not _is_event_stream(response) or not cut_by_shutdown(request):
                 raise
             await _last_event(response, "the service is shutting down; this answer was cut short")
+        except ConnectionResetError:
+            # The client left mid-answer (leaving the block above already let go of the runner):
+            # nobody is left to tell, and it is no error of ours.
+            log.info("client went away mid-answer", route=route)
+            assert response is not None
+            return response
         await response.write_eof()
         return response
 
