@@ -72,6 +72,9 @@ class Settings:
     # Seconds a client gets to send its request's headers (from connecting) and its JSON body;
     # idle keep-alive connections close after it too.
     request_timeout: float = 30.0
+    # Client connections open at once; beyond it a new one is closed at once. None: 4096, or
+    # what the open-files limit leaves room for.
+    max_connections: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -99,6 +102,7 @@ class Settings:
             max_queue=_whole(env, "MODEL_RUNNER_MAX_QUEUE", cls.max_queue),
             shutdown_timeout=_seconds(env, "MODEL_RUNNER_SHUTDOWN_TIMEOUT", cls.shutdown_timeout),
             request_timeout=_seconds(env, "MODEL_RUNNER_REQUEST_TIMEOUT", cls.request_timeout),
+            max_connections=_positive(env, "MODEL_RUNNER_MAX_CONNECTIONS", cls.max_connections),
             manifest=_manifest(env, "MODEL_RUNNER_MANIFEST"),
             preload_models=tuple(
                 m.strip() for m in _get(env, "MODEL_RUNNER_MODELS").split(",") if m.strip()

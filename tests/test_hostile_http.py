@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import pytest
 
+from app.client import ClientError
 from app.logging import RepeatFilter
 from tests.conftest import Server
 
@@ -72,3 +74,28 @@ def test_repeated_library_warnings_are_logged_once_with_a_count():
     assert flood.filter(later)
     assert records == ["accept failed"]
     assert later.getMessage() == "accept failed (and 4 more like it in the last 10 s)"
+
+
+def test_connections_past_the_cap_are_closed_and_others_still_served(server: Server):
+    server.stop()
+    server.extra_env["MODEL_RUNNER_MAX_CONNECTIONS"] = "20"
+    server.start()
+    silent = [connect(server) for _ in range(20)]
+    extra = connect(server)
+    extra.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        answer = read_until_closed(extra)
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b""  # refused: reset or closed, and no answer
+    for sock in silent:
+        sock.close()
+    # Room again once the service has seen those connections close.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert server.tcp.request("GET", "/models").status == 200
+            break
+        except ClientError:
+            assert time.monotonic() < deadline, "no room after the idle clients left"
+    assert "too many connections" in server.log() and "Traceback" not in server.log()

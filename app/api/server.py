@@ -8,7 +8,9 @@ import posixpath
 import re
 import resource
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -36,6 +38,7 @@ from app.store import ModelStore
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = get_logger("server")
 
+_REFUSAL_LOG_EVERY_S = 10.0
 # Docker Desktop's socket proxy adds this prefix; clients that talk to it send it (spec 1.2).
 DESKTOP_PREFIX = "/exp/vDD4.40"
 # OpenAI routes live under each of these: /engines/llama.cpp/v1, /engines/v1 and /v1.
@@ -166,14 +169,41 @@ def _limits(settings: Settings) -> Limits:
     )
 
 
-def _raise_open_files_limit() -> None:
+def _raise_open_files_limit() -> int:
     """Each connection, and each request to a runner, holds a file descriptor: take the hard
-    limit rather than the (often 1024) soft one, as Go programs such as DMR do at start."""
+    limit rather than the (often 1024) soft one, as Go programs such as DMR do at start.
+    Returns the limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _cap_connections(web_runner: web.AppRunner, cap: int) -> None:
+    """aiohttp accepts every connection: past ``cap`` open at once, a new one is closed as soon
+    as it is made, so that a flood of idle clients cannot use up the file descriptors that the
+    service's own requests to its runners need."""
+    server = web_runner.server
+    assert server is not None
+    admit = server.connection_made
+    refused = 0
+    last_said = 0.0
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        nonlocal refused, last_said
+        admit(handler, transport)
+        if len(server.connections) <= cap:
+            return
+        transport.abort()
+        refused += 1
+        now = time.monotonic()
+        if now - last_said >= _REFUSAL_LOG_EVERY_S:  # one line per burst, with a count
+            log.warning("too many connections; refusing new ones", limit=cap, refused=refused)
+            last_said, refused = now, 0
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> None:
@@ -194,8 +224,12 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
         handler_cancellation=True,
         keepalive_timeout=settings.request_timeout,
     )
-    _raise_open_files_limit()
+    open_files = _raise_open_files_limit()
     await web_runner.setup()
+    # Half the descriptors for clients (each request to a runner holds a second one).
+    _cap_connections(
+        web_runner, settings.max_connections or max(64, min(4096, (open_files - 256) // 2))
+    )
     sites: list[web.BaseSite] = [web.TCPSite(web_runner, settings.addr, settings.port)]
     if settings.sock is not None:
         settings.sock.parent.mkdir(parents=True, exist_ok=True)
