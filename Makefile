@@ -51,11 +51,13 @@ image:
 
 # Figures, not pass/fail: pull throughput against a plain download of the same blob, and
 # generation throughput/TTFT against in-process llama.cpp and llama-cpp-python's server, and
-# the scheduler's cold load, swap and reload times.
+# the scheduler's cold load, swap and reload times; then a short mixed load on the tiny model
+# (bench/load.py), which does fail on a malformed response or a 5xx.
 bench: $(VENV)/.run-deps $(VENV)/.test-deps
 	$(BIN)/python bench/pull.py --rate-mb 125
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/load.py --clients 8 --seconds 5
 
 # The GPU check: builds llama.cpp's CUDA libraries and llama-server from the tree the pinned
 # llama-cpp-python vendors, checks every inference route of the service and compares tokens/s and
