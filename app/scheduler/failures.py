@@ -25,11 +25,14 @@ class LoadFailures:
     def record(self, key: RunnerKey, error: LoadFailed) -> None:
         self._failures.setdefault(key, []).append((self._clock(), str(error)))
 
-    def forget(self, model_ids: set[str] | None = None, key: RunnerKey | None = None) -> None:
-        """After a successful load, a new configuration or an unload: try again."""
-        for k in list(self._failures):
-            if k == key or (key is None and (model_ids is None or k.model_id in model_ids)):
-                del self._failures[k]
+    def forget_runner(self, key: RunnerKey) -> None:
+        """After a successful load or a new configuration: try again."""
+        self._failures.pop(key, None)
+
+    def forget_models(self, model_ids: set[str] | None) -> None:
+        """After an unload of these models (all when None): try again."""
+        for k in [k for k in self._failures if model_ids is None or k.model_id in model_ids]:
+            del self._failures[k]
 
     def check(self, key: RunnerKey, name: str) -> None:
         """Raise LoadFailed, with when to try again, while the runner is held back."""

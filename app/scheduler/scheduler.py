@@ -190,7 +190,7 @@ class Scheduler:
         if isinstance(error, LoadFailed):
             self._failed_loads.record(key, error)
         if error is None:
-            self._failed_loads.forget(key=key)
+            self._failed_loads.forget_runner(key)
             resident = task.result()
             self._residents[key] = resident
             resident.idle.set()
@@ -272,7 +272,7 @@ class Scheduler:
         """Stop or drain other runners until ``plan_`` fits on every device it uses; refuse
         when it never can."""
         need = plan_.estimate.devices()
-        limits = self._budgets(await self._devices())
+        limits = self._budgets(self._gpus)  # the devices its plan was estimated for
         too_big = budget.never_fits(need, limits)
         if too_big is not None:
             raise refusals.too_big(plan_, too_big, need[too_big], limits[too_big])
@@ -383,7 +383,7 @@ class Scheduler:
         for resident in idle:  # now, before any await lets a request take one
             self._detach(resident)
         self.configs.clear_overrides(model_ids)
-        self._failed_loads.forget(model_ids)
+        self._failed_loads.forget_models(model_ids)
         await asyncio.gather(*(self._stop(r) for r in idle))
         return len(idle)
 
@@ -397,7 +397,7 @@ class Scheduler:
         if key in self._loading or self._wanted[key] or (resident is not None and resident.in_use):
             raise RunnerBusy("runner already active")
         self.configs.override(key, config)
-        self._failed_loads.forget(key=key)  # a new configuration deserves a new try
+        self._failed_loads.forget_runner(key)  # a new configuration deserves a new try
         if resident is not None:
             await self._stop(resident)
         return True
