@@ -260,12 +260,9 @@ def test_huge_registry_replies_are_cut_short(server: Server, case: str):
             challenge = f'Bearer realm="http://{reg.host}/token",service="t",scope="x"'
             reg.routes[path] = serve(b"", status=401, **{"WWW-Authenticate": challenge})
             reg.routes["/token"] = reg.flood()
-        start = time.monotonic()
         status, _, text = pull(server, f"{reg.host}/org/m:v1")
-        elapsed = time.monotonic() - start
         sent = reg.sent
     assert sent < 32 * MIB, f"the service read {sent} bytes"
-    assert elapsed < 6
     if case == "error-body":
         assert (status, text) == (404, "Model not found")
     else:

@@ -205,9 +205,9 @@ def test_full_queue_answers_503_at_once(start: Callable[..., Server]):
     assert running.first().startswith("data: ")
     queued = Stream(srv, "a", 5)
     wait_for("a queued request", lambda: ps(srv)["a"].get("waiting") == 1)
-    began = time.monotonic()
     status, text, headers = call(srv, "POST", "/v1/completions", {"model": "a", "prompt": "x"})
-    assert status == 503 and time.monotonic() - began < 5
+    assert status == 503
+    assert ps(srv)["a"].get("waiting") == 1  # refused at once, not after the queue moved
     assert "too many requests for a" in text and "MODEL_RUNNER_MAX_QUEUE=1" in text
     assert int(headers["Retry-After"]) > 0
     assert finish_reason(running.rest()) == "length"
