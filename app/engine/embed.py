@@ -30,7 +30,7 @@ class Embedder:
         if not self.ctx:
             raise LlamaError("llama.cpp could not create an embedding context")
         self.memory = L.llama_get_memory(self.ctx)
-        self.batch = Batch(self.ctx_size, 1)
+        self.batch = Batch(self.ctx_size)
         self._lock = threading.Lock()  # one context: one input at a time
 
     def embed(self, tokens: list[int]) -> list[float]:
@@ -42,9 +42,8 @@ class Embedder:
             )
         with self._lock:
             L.llama_memory_clear(self.memory, True)
-            self.batch.clear()
-            for i, token in enumerate(tokens):
-                self.batch.add(token, i, 0, True)
+            n = len(tokens)
+            self.batch.fill(tokens, list(range(n)), [0] * n, list(range(n)))
             rc = L.llama_decode(self.ctx, self.batch.ptr)
             if rc != 0:
                 raise LlamaError(f"llama_decode returned {rc}")
@@ -56,5 +55,4 @@ class Embedder:
         return (vec / norm if norm > 0 else vec).tolist()
 
     def close(self) -> None:
-        self.batch.close()
         L.llama_free(self.ctx)

@@ -74,6 +74,8 @@ class Model:
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not load {path.name}")
         self.vocab = L.llama_model_get_vocab(self.ptr)
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         template = L.llama_model_chat_template(self.ptr, None)
         self.info = ModelInfo(
             n_vocab=L.llama_vocab_n_tokens(self.vocab),
@@ -127,6 +129,16 @@ class Model:
         return self.tokenize(text, add_special, True)
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        """A token's bytes as generated text shows it; cached, as every step asks per sequence."""
+        if special:
+            return self._piece(token, True)
+        try:
+            return self._pieces[token]
+        except KeyError:
+            piece = self._pieces[token] = self._piece(token, False)
+            return piece
+
+    def _piece(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(128)
         n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -138,7 +150,11 @@ class Model:
         return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
 
     def is_eog(self, token: int) -> bool:
-        return bool(L.llama_vocab_is_eog(self.vocab, token))
+        try:
+            return self._eog[token]
+        except KeyError:
+            eog = self._eog[token] = bool(L.llama_vocab_is_eog(self.vocab, token))
+            return eog
 
     def grammar_compiles(self, grammar: str) -> bool:
         sampler = L.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
@@ -154,35 +170,58 @@ class Model:
 
 
 class Batch:
-    """A llama_batch of tokens, each tagged with one sequence id."""
+    """A llama_batch of tokens, each tagged with one sequence id, over numpy arrays.
 
-    def __init__(self, capacity: int, n_seq_max: int) -> None:
-        self.ptr = L.llama_batch_init(capacity, 0, n_seq_max)
+    The engine fills a whole step at once (``fill``): one slice assignment per field instead of
+    six ctypes stores per token, which at 64 sequences and 512-token prefill chunks was most of
+    what a step cost besides ``llama_decode``. The arrays are ours, so it is never freed through
+    ``llama_batch_free``.
+    """
+
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        self.size = 0
+        self._token = np.zeros(capacity, dtype=np.int32)
+        self._pos = np.zeros(capacity, dtype=np.int32)
+        self._n_seq_id = np.ones(capacity, dtype=np.int32)  # one sequence per token, always
+        self._seq = np.zeros(capacity, dtype=np.int32)
+        self._logits = np.zeros(capacity, dtype=np.int8)
+        int32_p = ctypes.POINTER(ctypes.c_int32)
+        base = self._seq.ctypes.data
+        self._seq_ptrs = (int32_p * capacity)(
+            *(ctypes.cast(base + 4 * i, int32_p) for i in range(capacity))
+        )
+        self.ptr = L.llama_batch(
+            n_tokens=0,
+            token=self._token.ctypes.data_as(int32_p),
+            embd=None,
+            pos=self._pos.ctypes.data_as(int32_p),
+            n_seq_id=self._n_seq_id.ctypes.data_as(int32_p),
+            seq_id=self._seq_ptrs,
+            logits=self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
 
-    @property
-    def size(self) -> int:
-        return int(self.ptr.n_tokens)
-
-    def clear(self) -> None:
-        self.ptr.n_tokens = 0
-
-    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
-        i = self.ptr.n_tokens
-        if i >= self.capacity:
+    def fill(
+        self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[int]
+    ) -> None:
+        """The batch becomes these tokens; ``outputs`` lists the indexes that get logits."""
+        n = len(tokens)
+        if n > self.capacity:
             raise LlamaError("batch overflow")
-        self.ptr.token[i] = token
-        self.ptr.pos[i] = pos
-        self.ptr.n_seq_id[i] = 1
-        self.ptr.seq_id[i][0] = seq_id
-        self.ptr.logits[i] = 1 if logits else 0
-        self.ptr.n_tokens = i + 1
-        return i
-
-    def close(self) -> None:
-        L.llama_batch_free(self.ptr)
+        self._token[:n] = tokens
+        self._pos[:n] = positions
+        self._seq[:n] = seqs
+        self._logits[:n] = 0
+        self._logits[outputs] = 1
+        self.ptr.n_tokens = self.size = n
 
 
 def logits_row(ctx: object, index: int, n_vocab: int) -> np.ndarray:
     ptr = L.llama_get_logits_ith(ctx, index)
     return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+
+def logits_rows(ctx: object, rows: int, n_vocab: int) -> np.ndarray:
+    """The last decode's logits, one row per output in batch order."""
+    ptr = L.llama_get_logits(ctx)
+    return np.ctypeslib.as_array(ptr, shape=(rows, n_vocab))

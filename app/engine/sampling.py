@@ -26,9 +26,20 @@ class SamplingParams:
 
 
 class Sampler:
-    """A chain built for one request; sampling also accepts the token (penalties, grammar)."""
+    """A chain built for one request; sampling also accepts the token (penalties, grammar).
+
+    Plain greedy decoding (temperature 0 and nothing that reshapes the logits) builds no chain:
+    the engine takes the argmax of every such sequence's logits in one numpy call instead, as a
+    chain copies the whole vocabulary into candidates for each sequence at each step.
+    """
 
     def __init__(self, model: Model, params: SamplingParams) -> None:
+        self.plain_greedy = params.temperature <= 0 and not (
+            params.grammar or params.logit_bias or _penalized(params)
+        )
+        self.ptr = None
+        if self.plain_greedy:
+            return
         self.ptr = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._keep: list[object] = []  # ctypes arrays the chain points into
         if params.grammar:
@@ -44,7 +55,7 @@ class Sampler:
                 arr[i].token, arr[i].bias = token, bias
             self._keep.append(arr)
             self._add(L.llama_sampler_init_logit_bias(model.info.n_vocab, len(items), arr))
-        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        if _penalized(params):
             self._add(
                 L.llama_sampler_init_penalties(
                     model.info.n_vocab,
@@ -71,9 +82,14 @@ class Sampler:
         L.llama_sampler_chain_add(self.ptr, sampler)
 
     def sample(self, ctx: object, index: int) -> int:
+        assert self.ptr is not None, "plain greedy decoding has no chain"
         return int(L.llama_sampler_sample(self.ptr, ctx, index))
 
     def close(self) -> None:
         if self.ptr:
             L.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return params.repeat_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
