@@ -85,9 +85,10 @@ async def _stream(request: web.Request, reply: Reply, flight: InFlight) -> web.S
     try:
         for payload in reply.stream_start():
             await response.write(sse(payload))
-        async for event in flight.events():
-            for payload in reply.stream_event(event):
-                await response.write(sse(payload))
+        async for batch in flight.batches():
+            await response.write(
+                b"".join(sse(payload) for event in batch for payload in reply.stream_event(event))
+            )
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client left between two events: nobody to tell, and the job is cancelled

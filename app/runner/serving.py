@@ -7,6 +7,8 @@ Every refusal is a ``ParamError``, which routes answer as an OpenAI 400.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ class Runtime:
     engine: Engine | None = None
     embedder: Embedder | None = None
     renderer: Renderer | None = None  # completion mode only
+    mailbox: Mailbox | None = None  # made on the event loop by the first request
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -59,6 +62,36 @@ class Collected:
     done: Finished
 
 
+class Mailbox:
+    """Engine events onto the event loop: one wake-up per engine step, not one per token.
+
+    ``call_soon_threadsafe`` writes to the loop's self-pipe at every call; with 64 sequences
+    that was 64 system calls and as many wake-ups a step. Events posted while a delivery is
+    pending join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def post(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        """Called on the engine thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a delivery is already scheduled
+        # A closed loop: the runner is shutting down and nobody is waiting.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class InFlight:
     """A submitted job's parameters and the queue its engine events arrive on."""
 
@@ -66,25 +99,30 @@ class InFlight:
         self.params = params
         self._queue = queue
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event up to and including the last (``Finished`` or ``Failed``)."""
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Every event up to and including the last (``Finished`` or ``Failed``), in lists of
+        those that have arrived by the time the caller asks again: a stream that fell behind
+        catches up in one write."""
         while True:
-            event = await self._queue.get()
-            yield event
-            if not isinstance(event, Token):
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and isinstance(batch[-1], Token):
+                batch.append(self._queue.get_nowait())
+            yield batch
+            if not isinstance(batch[-1], Token):
                 return
 
     async def collect(self) -> Collected | Failed:
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
-        async for event in self.events():
-            if isinstance(event, Token):
-                parts.append(event.text)
-                logprobs.extend(event.logprobs)
-            elif isinstance(event, Failed):
-                return event
-            else:
-                return Collected("".join(parts), logprobs, event)
+        async for batch in self.batches():
+            for event in batch:
+                if isinstance(event, Token):
+                    parts.append(event.text)
+                    logprobs.extend(event.logprobs)
+                elif isinstance(event, Failed):
+                    return event
+                else:
+                    return Collected("".join(parts), logprobs, event)
         raise AssertionError("the engine's events end with Finished or Failed")
 
 
@@ -105,7 +143,9 @@ async def generate(
     if len(tokens) >= rt.ctx_size:
         raise _too_long(str(len(tokens)), rt.ctx_size, field)
     max_tokens = min(params.max_tokens or rt.ctx_size, rt.ctx_size - len(tokens))
-    loop = asyncio.get_running_loop()
+    if rt.mailbox is None:
+        rt.mailbox = Mailbox(asyncio.get_running_loop())
+    mailbox = rt.mailbox
     queue: asyncio.Queue[Event] = asyncio.Queue()
     job = Request(
         prompt=tokens,
@@ -113,10 +153,7 @@ async def generate(
         sampling=params.sampling,
         stop=params.stop,
         top_logprobs=params.top_logprobs,
-        # The engine calls this on its own thread; after shutdown the loop may be gone.
-        sink=lambda event: (
-            None if loop.is_closed() else loop.call_soon_threadsafe(queue.put_nowait, event)
-        ),
+        sink=lambda event: mailbox.post(queue, event),
     )
     engine.submit(job)
     try:
