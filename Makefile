@@ -50,7 +50,8 @@ image:
 	docker build -t model-runner:latest .
 
 # Figures, not pass/fail: pull throughput against a plain download of the same blob, and
-# generation throughput/TTFT against in-process llama.cpp and llama-cpp-python's server, and
+# generation throughput/TTFT against llama-server (built once from the pinned llama.cpp by
+# bench/gpu_check.sh --cpu --build-only), in-process llama.cpp and llama-cpp-python's server, and
 # the scheduler's cold load, swap and reload times; then a short mixed load on the tiny model
 # (bench/load.py), which does fail on a malformed response or a 5xx.
 bench: $(VENV)/.run-deps $(VENV)/.test-deps

@@ -20,6 +20,20 @@ def gemma() -> Path:
     return Path(assemble())
 
 
+TINY_MODELS = REPO / "bench" / ".gpu-check" / "models"  # where bench/gpu_check.sh keeps its own
+
+
+def tiny_model() -> Path:
+    """bench/make_gguf.py's tiny random model, written again when make_gguf.py is newer (as
+    gpu_check.sh does)."""
+    path, maker = TINY_MODELS / "tiny.gguf", REPO / "bench" / "make_gguf.py"
+    if not path.exists() or path.stat().st_mtime < maker.stat().st_mtime:
+        TINY_MODELS.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(maker), "--dir", str(TINY_MODELS), "tiny"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
 def service_env(models: Path, port: int, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -40,7 +54,11 @@ def cli(env: dict[str, str], *args: str) -> None:
 def start_service(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], ServiceClient]:
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env)
     client = ServiceClient(env["MODEL_RUNNER_HOST"], timeout=600)
-    wait_http(client, "/", proc)
+    try:
+        wait_http(client, "/", proc)
+    except BaseException:
+        stop(proc)
+        raise
     return proc, client
 
 

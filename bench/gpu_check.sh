@@ -5,6 +5,10 @@
 # service, and compare throughput and time to first token (bench/gpu_check.py does that part).
 #
 #   bench/gpu_check.sh [--cpu] [--wheels DIR] [--out DIR]
+#   bench/gpu_check.sh [--cpu] [--wheels DIR] --build-only
+#                                        only the build (made when missing, as below), then
+#                                        llama-server's path as the last line of output (it needs
+#                                        LD_LIBRARY_PATH=<its folder>); bench/throughput.py uses it
 #   bench/gpu_check.sh --bundle DIR      (needs network) fill DIR with what an offline GPU
 #                                        machine lacks, to hand it there as --wheels DIR
 #
@@ -20,14 +24,16 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T0=$(date +%s)
-MODE=cuda WHEELS="" BUNDLE="" OUT=${OUT:-$REPO/bench/.gpu-check-out}
+MODE=cuda WHEELS="" BUNDLE="" BUILD_ONLY="" OUT=${OUT:-$REPO/bench/.gpu-check-out}
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) MODE=cpu ;;
         --wheels) WHEELS=$(cd "$2" && pwd); shift ;;
         --out) OUT=$2; shift ;;
         --bundle) BUNDLE=$2; shift ;;
-        *) echo "usage: $0 [--cpu] [--wheels DIR] [--out DIR] | --bundle DIR" >&2; exit 2 ;;
+        --build-only) BUILD_ONLY=1 ;;
+        *) echo "usage: $0 [--cpu] [--wheels DIR] [--out DIR] [--build-only] | --bundle DIR" >&2
+           exit 2 ;;
     esac
     shift
 done
@@ -202,9 +208,10 @@ build() {
         -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF "${CUDA_FLAGS[@]}" \
         >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; die "cmake failed"; }
     # On the GPU machine the build may take what the run's budget leaves beyond 150 s for the
-    # rest; a build cut short resumes where it was on the next run.
+    # rest (with --build-only, the 2 hours any build gets); a build cut short resumes where it
+    # was on the next run.
     local limit=7200
-    [ "$MODE" = cuda ] && limit=$((BUDGET - 150 - ($(date +%s) - T0)))
+    [ "$MODE" = cuda ] && [ -z "$BUILD_ONLY" ] && limit=$((BUDGET - 150 - ($(date +%s) - T0)))
     say "building llama.cpp ($MODE, $generator, -j$NPROC, at most ${limit}s): $BUILD"
     timeout "$limit" cmake --build "$BUILD/build" -j"$NPROC" --target llama-server \
         >>"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; die "the build failed"; }
@@ -215,6 +222,15 @@ build() {
 
 main() {
     [ -n "$BUNDLE" ] && { bundle "$BUNDLE"; exit 0; }
+    if [ -n "$BUILD_ONLY" ]; then  # earlier results in $OUT stay; a new build.log replaces one
+        if [ ! -f "$BUILD/built" ]; then
+            mkdir -p "$OUT"
+            source_tree
+            build
+        fi
+        echo "$BUILD/build/bin/llama-server"
+        exit 0
+    fi
     mkdir -p "$OUT" "$WORK"
     rm -f "$OUT"/{summary.txt,results.json}
     "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"

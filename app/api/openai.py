@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,7 +32,8 @@ def _is_event_stream(response: web.StreamResponse) -> bool:
 
 async def _last_event(response: web.StreamResponse, message: str) -> None:
     """An SSE client reads the error as an event, then a clean end (the SDKs raise it)."""
-    await response.write(f"data: {json.dumps({'error': _died(message)})}\n\n".encode())
+    with contextlib.suppress(ConnectionResetError):  # unless it has left too
+        await response.write(f"data: {json.dumps({'error': _died(message)})}\n\n".encode())
 
 
 def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -68,7 +70,9 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             log.info("client went away mid-answer", route=route)
             assert response is not None
             return response
-        await response.write_eof()
+        # A client may hang up as soon as it has read the last event, before the chunked end.
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
         return response
 
     return infer

@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,16 @@ class Failed:
 
 
 Event = Token | Finished | Failed
+
+
+@dataclass
+class EngineStats:
+    """Where the engine thread's time goes: in ``llama_decode``, and in whole steps (admission,
+    the batch, decode, sampling, events). The difference is the engine's own overhead."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    decode_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -117,6 +128,7 @@ class Engine:
         self.slots = [_Slot(seq=i) for i in range(parallel)]
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: list[Request] = []
+        self.stats = EngineStats()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -142,14 +154,18 @@ class Engine:
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        stats = self.stats
         while not self._stopping:
             try:
                 busy = any(s.request for s in self.slots)
                 self._take_new(block=not busy and not self._waiting)
+                began = time.perf_counter()
                 self._drop_cancelled()
                 self._admit()
                 if any(s.request for s in self.slots):
                     self._step()
+                    stats.steps += 1
+                    stats.step_s += time.perf_counter() - began
             except Exception as exc:
                 # Whatever broke fails the requests in flight, never the engine: the next
                 # request starts from a clean cache.
@@ -248,7 +264,9 @@ class Engine:
         if not tokens:
             return
         self.batch.fill(tokens, positions, seqs, outputs)
+        began = time.perf_counter()
         rc = L.llama_decode(self.ctx, self.batch.ptr)
+        self.stats.decode_s += time.perf_counter() - began
         if rc != 0:
             raise LlamaError(f"llama_decode returned {rc}")
         greedy = self._greedy_tokens(sampled)
