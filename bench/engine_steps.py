@@ -6,7 +6,7 @@ For 1, 8, 32 and 64 sequences generating 128 tokens each, greedy and sampled (te
 top-k 40, top-p 0.95): microseconds per step outside ``llama_decode`` (the goal: under 1,000 at
 64), inside it, and tokens per second.
 
-    .venv/bin/python bench/engine_steps.py [--threads 2] [--tokens 128]
+    .venv/bin/python bench/engine_steps.py [--threads 2] [--tokens 128] [--model GGUF]
 """
 
 from __future__ import annotations
@@ -64,17 +64,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--model", type=Path, help="another GGUF than the tiny model")
     args = ap.parse_args()
     # The engine logs a line per request to stderr, for the service's log: not wanted here.
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
-    model = Model(tiny_model())
+    model = Model(args.model or tiny_model())
     engine = Engine(
         model, ctx_size=256 + args.tokens, parallel=max(SEQUENCES), threads=args.threads
     )
     greedy = SamplingParams(temperature=0)
     sampled = SamplingParams(temperature=0.8, seed=1)
     run(engine, model, 8, 8, greedy)  # warm-up
-    print(f"engine per step, tiny model, {args.threads} threads, {args.tokens} tokens a sequence")
+    name = args.model.name if args.model else "tiny model"
+    print(f"engine per step, {name}, {args.threads} threads, {args.tokens} tokens a sequence")
     print(f"{'':>14} {'greedy':^28} {'sampled':^28}")
     header = f"{'µs own':>9} {'µs decode':>9} {'tok/s':>8}"
     print(f"{'sequences':>14} {header} {header}")

@@ -3,8 +3,8 @@
 One thread owns the context. Each step it admits waiting requests into free sequence slots,
 then runs a single ``llama_decode`` that advances every generating sequence by one token and
 prefills admitted prompts in chunks (so a long prompt never stalls the others for long).
-Tokens go back through each request's ``sink``, called on the engine thread; the runner turns
-that into asyncio events with ``call_soon_threadsafe``.
+Tokens go back through each request's ``sink``, called on the engine thread after each step
+for all of that step's events; the runner hands them to its event loop in one wake-up.
 
 A slot keeps the tokens of its last request in the KV cache: the next request that shares a
 prefix with them (a chat's earlier turns) only prefills the rest, as llama-server's
@@ -128,6 +128,8 @@ class Engine:
         self.slots = [_Slot(seq=i) for i in range(parallel)]
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: list[Request] = []
+        # A step's events, handed to their sinks once the step is done (and counted).
+        self._outbox: list[tuple[Request, Event]] = []
         self.stats = EngineStats()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -170,6 +172,9 @@ class Engine:
                 # Whatever broke fails the requests in flight, never the engine: the next
                 # request starts from a clean cache.
                 self._fail_all(f"inference failed: {exc}")
+            outbox, self._outbox = self._outbox, []
+            for request, event in outbox:
+                request.sink(event)
 
     def _fail_all(self, message: str) -> None:
         for slot in self.slots:
@@ -306,7 +311,7 @@ class Engine:
         if request.top_logprobs is not None:
             logprobs = (self._logprob(slot.logits_at, token, piece, request.top_logprobs),)
         if text or logprobs:
-            request.sink(Token(text, logprobs))
+            self._outbox.append((request, Token(text, logprobs)))
         if stopped:
             self._finish(slot, self._done(slot, "stop"))
             return
@@ -336,7 +341,7 @@ class Engine:
         rest, _ = slot.stops.feed(slot.detok.flush())
         rest += slot.stops.flush()
         if rest:
-            slot.request.sink(Token(rest))
+            self._outbox.append((slot.request, Token(rest)))
 
     def _done(self, slot: _Slot, reason: str) -> Finished:
         assert slot.request is not None
@@ -349,7 +354,7 @@ class Engine:
 
     def _finish(self, slot: _Slot, event: Event) -> None:
         assert slot.request is not None
-        slot.request.sink(event)
+        self._outbox.append((slot.request, event))
         _report(slot.request, event)
         self._release(slot)
 
