@@ -40,8 +40,8 @@ class Renderer:
         """Start one worker ahead, so that the first chat request does not wait for it."""
         self._idle.append(await self._spawn())
 
-    async def render(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
-        request = await asyncio.to_thread(_frame, {"messages": messages, "tools": tools})
+    async def render(self, request: bytes) -> str:
+        """The text for a ``render_request``."""
         async with self._slots:
             while self._idle and self._idle[-1].returncode is not None:
                 self._idle.pop()  # ended while idle (killed from outside): start another
@@ -120,6 +120,12 @@ def _why(code: int | None) -> str:
     if code == render_worker.CPU_EXIT:
         return f"the chat template ran for more than {render_worker.CPU_S} s of CPU time"
     return f"the chat template's renderer died (exit status {code})"
+
+
+def render_request(messages: list[dict[str, Any]], tools: list[Any] | None) -> bytes:
+    """What a worker is sent to render; made off the event loop with the rest of a request's
+    checks (the messages may be megabytes of JSON)."""
+    return _frame({"messages": messages, "tools": tools})
 
 
 def _frame(value: Any) -> bytes:

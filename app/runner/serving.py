@@ -25,7 +25,7 @@ from app.runner.params import (
     parse_messages,
     parse_prompt,
 )
-from app.runner.render import Renderer
+from app.runner.render import Renderer, render_request
 
 
 @dataclass
@@ -132,14 +132,18 @@ async def generate(
 ) -> AsyncIterator[InFlight]:
     """Check the request, submit it, and cancel the job when the caller is done with it."""
     # Parsing (a JSON schema's grammar included), rendering, tokenizing and compiling the grammar
-    # all run off the event loop: on it, one large or hostile request stalls every stream.
-    params = await asyncio.to_thread(parse_generation, body, rt.model.info.n_vocab, chat)
-    tokens, field = await _prompt_tokens(rt, body, chat)
+    # all run off the event loop: on it, one large or hostile request stalls every stream. In as
+    # few hops as they allow: each costs a request's time to first token a thread wake-up.
+    if chat:
+        assert rt.renderer is not None
+        params, request = await asyncio.to_thread(_chat_job, rt, body)
+        text = await rt.renderer.render(request)
+        tokens, field = await asyncio.to_thread(_chat_tokens, rt, text), "messages"
+    else:
+        params, tokens = await asyncio.to_thread(_completion_job, rt, body)
+        field = "prompt"
     if not tokens:
         raise ParamError(f"the {field} is empty", field)
-    grammar = params.sampling.grammar
-    if grammar and not await asyncio.to_thread(rt.model.grammar_compiles, grammar):
-        raise ParamError("llama.cpp cannot compile the grammar for this schema", "response_format")
     if len(tokens) >= rt.ctx_size:
         raise _too_long(str(len(tokens)), rt.ctx_size, field)
     max_tokens = min(params.max_tokens or rt.ctx_size, rt.ctx_size - len(tokens))
@@ -163,20 +167,32 @@ async def generate(
         engine.cancel(job)
 
 
-async def _prompt_tokens(rt: Runtime, body: dict[str, Any], chat: bool) -> tuple[list[int], str]:
-    """The prompt as tokens, and the request field it came from (for error messages)."""
-    if not chat:
-        prompt = await asyncio.to_thread(parse_prompt, body, rt.model.info.n_vocab)
-        if isinstance(prompt, list):
-            return prompt, "prompt"
-        return await asyncio.to_thread(_tokenize, rt, prompt, True, "prompt"), "prompt"
-    assert rt.renderer is not None
-    messages = await asyncio.to_thread(parse_messages, body)
-    text = await rt.renderer.render(messages, body.get("tools"))
+def _checked_generation(rt: Runtime, body: dict[str, Any], chat: bool) -> Generation:
+    params = parse_generation(body, rt.model.info.n_vocab, chat)
+    grammar = params.sampling.grammar
+    if grammar and not rt.model.grammar_compiles(grammar):
+        raise ParamError("llama.cpp cannot compile the grammar for this schema", "response_format")
+    return params
+
+
+def _completion_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, list[int]]:
+    params = _checked_generation(rt, body, chat=False)
+    prompt = parse_prompt(body, rt.model.info.n_vocab)
+    if isinstance(prompt, list):
+        return params, prompt
+    return params, _tokenize(rt, prompt, True, "prompt")
+
+
+def _chat_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, bytes]:
+    params = _checked_generation(rt, body, chat=True)
+    return params, render_request(parse_messages(body), body.get("tools"))
+
+
+def _chat_tokens(rt: Runtime, text: str) -> list[int]:
     bos = rt.model.info.bos_text
     # Templates that write the BOS themselves must not get a second one from the tokenizer.
     add_bos = rt.model.info.add_bos and not (bos and text.startswith(bos))
-    return await asyncio.to_thread(_tokenize, rt, text, add_bos, "messages"), "messages"
+    return _tokenize(rt, text, add_bos, "messages")
 
 
 def _tokenize(rt: Runtime, text: str, add_bos: bool, field: str) -> list[int]:
