@@ -264,6 +264,35 @@ def test_batched_output_equals_sequential_output(client: openai.OpenAI):
     assert batched == sequential
 
 
+def test_greedy_requests_batched_with_sampled_ones_match_sequential(client: openai.OpenAI):
+    # Plain greedy sequences take their argmax from the step's logits rows; sampled ones go
+    # through llama.cpp's chains. Mixed in one batch, each must still read its own row.
+    prompts = ["hello world", "the model is", "what is the test", "I have a"]
+    sequential = [greedy(client, p, 32) for p in prompts]
+
+    def sampled(i: int) -> str:
+        out = client.completions.create(
+            model="tiny", prompt=f"yes no {i}", max_tokens=32, temperature=0.9, seed=i
+        )
+        return out.choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        noise = [pool.submit(sampled, i) for i in range(4)]
+        batched = list(pool.map(lambda p: greedy(client, p, 32), prompts))
+        assert all(f.result() for f in noise)
+    assert batched == sequential
+
+
+def test_a_repeated_prompt_reuses_the_cache_and_answers_the_same(client: openai.OpenAI):
+    prompt = "the model is what the test is " * 4
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+    assert again.choices[0].text == first.choices[0].text
+    assert first.usage is not None and again.usage is not None
+    details = again.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == again.usage.prompt_tokens - 1
+
+
 def test_artifact_chat_template_is_used(llm: Server, tmp_path: Path):
     gguf = write_tiny_gguf(tmp_path / "t.gguf", seed=5)
     template = tmp_path / "t.jinja"
