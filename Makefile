@@ -51,12 +51,13 @@ image:
 
 # Figures, not pass/fail: pull throughput against a plain download of the same blob, and
 # generation throughput/TTFT against llama-server (built once from the pinned llama.cpp by
-# bench/gpu_check.sh --cpu --build-only), in-process llama.cpp and llama-cpp-python's server, and
-# the scheduler's cold load, swap and reload times; then a short mixed load on the tiny model
-# (bench/load.py), which does fail on a malformed response or a 5xx.
+# bench/gpu_check.sh --cpu --build-only), in-process llama.cpp and llama-cpp-python's server, the
+# engine's own time per step, and the scheduler's cold load, swap and reload times; then a short
+# mixed load on the tiny model (bench/load.py), which does fail on a malformed response or a 5xx.
 bench: $(VENV)/.run-deps $(VENV)/.test-deps
 	$(BIN)/python bench/pull.py --rate-mb 125
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/engine_steps.py
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/load.py --clients 8 --seconds 5
 
