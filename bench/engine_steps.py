@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# As the service's runners have it (app/scheduler/process.py: runner_env), set before llama.cpp's
+# OpenMP library loads: its threads then leave the cores to the sampling threads between decodes.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from common import tiny_model
 

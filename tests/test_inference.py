@@ -264,11 +264,11 @@ def test_batched_output_equals_sequential_output(client: openai.OpenAI):
     assert batched == sequential
 
 
-def test_greedy_requests_batched_with_sampled_ones_match_sequential(client: openai.OpenAI):
+def test_greedy_and_sampled_requests_batched_match_sequential(client: openai.OpenAI):
     # Plain greedy sequences take their argmax from the step's logits rows; sampled ones go
-    # through llama.cpp's chains. Mixed in one batch, each must still read its own row.
+    # through llama.cpp's chains, on several threads. Mixed in one batch, each must still read
+    # its own row, and a seeded chain give what it gives alone.
     prompts = ["hello world", "the model is", "what is the test", "I have a"]
-    sequential = [greedy(client, p, 32) for p in prompts]
 
     def sampled(i: int) -> str:
         out = client.completions.create(
@@ -276,10 +276,12 @@ def test_greedy_requests_batched_with_sampled_ones_match_sequential(client: open
         )
         return out.choices[0].text
 
+    sequential = [greedy(client, p, 32) for p in prompts]
+    sequential_sampled = [sampled(i) for i in range(4)]
     with ThreadPoolExecutor(8) as pool:
-        noise = [pool.submit(sampled, i) for i in range(4)]
+        batched_sampled = [pool.submit(sampled, i) for i in range(4)]
         batched = list(pool.map(lambda p: greedy(client, p, 32), prompts))
-        assert all(f.result() for f in noise)
+        assert [f.result() for f in batched_sampled] == sequential_sampled
     assert batched == sequential
 
 
