@@ -93,11 +93,18 @@ class Mailbox:
 
 
 class InFlight:
-    """A submitted job's parameters and the queue its engine events arrive on."""
+    """A submitted job's parameters and the queue its engine events arrive on.
 
-    def __init__(self, params: Generation, queue: asyncio.Queue[Event]) -> None:
+    A whole (not streamed) answer wakes the event loop once, when it ends: its tokens are
+    ``held`` on the engine thread meanwhile, and only the last event is queued.
+    """
+
+    def __init__(
+        self, params: Generation, queue: asyncio.Queue[Event], held: list[Token] | None = None
+    ) -> None:
         self.params = params
         self._queue = queue
+        self._held = held if held is not None else []
 
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Every event up to and including the last (``Finished`` or ``Failed``), in lists of
@@ -112,18 +119,17 @@ class InFlight:
                 return
 
     async def collect(self) -> Collected | Failed:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
+        queued: list[Event] = []
         async for batch in self.batches():
-            for event in batch:
-                if isinstance(event, Token):
-                    parts.append(event.text)
-                    logprobs.extend(event.logprobs)
-                elif isinstance(event, Failed):
-                    return event
-                else:
-                    return Collected("".join(parts), logprobs, event)
-        raise AssertionError("the engine's events end with Finished or Failed")
+            queued.extend(batch)
+        events = [*self._held, *queued]  # held ones are all in once the last event is here
+        last = events[-1]
+        if isinstance(last, Failed):
+            return last
+        assert isinstance(last, Finished)
+        tokens = [e for e in events if isinstance(e, Token)]
+        logprobs = [lp for t in tokens for lp in t.logprobs]
+        return Collected("".join(t.text for t in tokens), logprobs, last)
 
 
 @asynccontextmanager
@@ -151,17 +157,25 @@ async def generate(
         rt.mailbox = Mailbox(asyncio.get_running_loop())
     mailbox = rt.mailbox
     queue: asyncio.Queue[Event] = asyncio.Queue()
+    held: list[Token] = []
+
+    def sink(event: Event) -> None:  # on the engine thread
+        if isinstance(event, Token) and not params.stream:
+            held.append(event)
+        else:
+            mailbox.post(queue, event)
+
     job = Request(
         prompt=tokens,
         max_tokens=max_tokens,
         sampling=params.sampling,
         stop=params.stop,
         top_logprobs=params.top_logprobs,
-        sink=lambda event: mailbox.post(queue, event),
+        sink=sink,
     )
     engine.submit(job)
     try:
-        yield InFlight(params, queue)
+        yield InFlight(params, queue, held)
     finally:
         # Client gone or done: either way the slot is free for the next request at once.
         engine.cancel(job)
