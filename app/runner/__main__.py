@@ -55,6 +55,7 @@ def main() -> int:
     from app.runner.render import Renderer
     from app.runner.routes import create_app
     from app.runner.serving import Runtime
+    from app.runner.tools import template_knows_tools
 
     try:
         model = Model(args.model, gpu_layers=_gpu_layers(args.gpu_layers))
@@ -72,6 +73,7 @@ def main() -> int:
             # Compiled here only to fail the load with its error; the renderer's workers render.
             template = ChatTemplate(source, bos, eos)
             runtime.renderer = Renderer(template.source, bos, eos)
+            runtime.template_tools = template_knows_tools(template.source)
             runtime.engine = Engine(model, ctx, args.parallel, args.threads)
     except (LlamaError, TemplateError, OSError) as exc:
         print(f"failed to load model: {exc}", file=sys.stderr)

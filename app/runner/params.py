@@ -132,7 +132,7 @@ def _logit_bias(body: dict[str, Any], n_vocab: int) -> dict[int, float]:
 
 
 def _grammar(body: dict[str, Any]) -> str | None:
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import JSON_GBNF
 
     fmt = _get(body, "response_format", dict, None)
     if fmt is None or fmt.get("type") in (None, "text"):
@@ -146,24 +146,30 @@ def _grammar(body: dict[str, Any]) -> str | None:
             raise ParamError(
                 "'response_format.json_schema.schema' must be an object", "response_format"
             )
-        _check_counts(schema)
-        text = json.dumps(schema)
-        # llama.cpp expands {m,n} repetitions into the grammar; huge counts crash it.
-        if any(int(n) > _MAX_REPEAT for n in re.findall(r"\{\d*,?(\d+)\}", text)):
-            raise ParamError(
-                f"pattern repetitions above {_MAX_REPEAT} are not supported", "response_format"
-            )
-        try:
-            grammar = json_schema_to_gbnf(text)
-        except Exception as exc:  # the converter raises plain exceptions on odd schemas
-            raise ParamError(f"unsupported JSON schema: {exc}", "response_format") from None
-        if len(grammar) > _MAX_GRAMMAR:
-            raise ParamError("the JSON schema makes too large a grammar", "response_format")
-        return grammar
+        return schema_grammar(schema, "response_format")
     raise ParamError(f"unknown response_format type {fmt.get('type')!r}", "response_format")
 
 
-def _check_counts(schema: dict[str, Any]) -> None:
+def schema_grammar(schema: dict[str, Any], field: str) -> str:
+    """A JSON schema as a GBNF grammar, within the limits that keep llama.cpp safe; a 400
+    naming ``field`` (where the schema came from) when it is past them or not convertible."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    _check_counts(schema, field)
+    text = json.dumps(schema)
+    # llama.cpp expands {m,n} repetitions into the grammar; huge counts crash it.
+    if any(int(n) > _MAX_REPEAT for n in re.findall(r"\{\d*,?(\d+)\}", text)):
+        raise ParamError(f"pattern repetitions above {_MAX_REPEAT} are not supported", field)
+    try:
+        grammar = json_schema_to_gbnf(text)
+    except Exception as exc:  # the converter raises plain exceptions on odd schemas
+        raise ParamError(f"unsupported JSON schema: {exc}", field) from None
+    if len(grammar) > _MAX_GRAMMAR:
+        raise ParamError("the JSON schema makes too large a grammar", field)
+    return grammar
+
+
+def _check_counts(schema: dict[str, Any], field: str) -> None:
     """Refuse a schema whose lengths and item counts would make a huge grammar: each one, and
     all of them together, since every one the schema holds adds its own repetitions."""
     total = 0
@@ -181,7 +187,7 @@ def _check_counts(schema: dict[str, Any]) -> None:
         raise ParamError(
             f"the JSON schema's lengths and item counts add up to {total}, more than the "
             f"{_MAX_COUNTS} supported",
-            "response_format",
+            field,
         )
 
 

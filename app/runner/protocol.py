@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.engine.engine import Event, Failed, Finished, Token, TokenLogprob
+from app.runner.tool_calls import ToolCall, ToolCalls
 
 # What one SSE ``data:`` line carries: a JSON object, or the literal ``[DONE]``.
 Payload = dict[str, Any] | str
@@ -46,8 +47,22 @@ class Reply:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
-    def whole(self, text: str, logprobs: Sequence[TokenLogprob], done: Finished) -> dict[str, Any]:
-        body = self._envelope([self._choice(text, done.reason, False, False, logprobs)], False)
+    def whole(
+        self,
+        text: str,
+        logprobs: Sequence[TokenLogprob],
+        done: Finished,
+        calls: Sequence[ToolCall] = (),
+    ) -> dict[str, Any]:
+        choice = self._choice(text, done.reason, False, False, logprobs)
+        if calls:
+            # OpenAI: a message that only calls tools has null content.
+            choice["message"] = {
+                "role": "assistant",
+                "content": text or None,
+                "tool_calls": [self._call(c) for c in calls],
+            }
+        body = self._envelope([choice], False)
         body["usage"] = self._usage(done)
         return body
 
@@ -57,8 +72,12 @@ class Reply:
         # OpenAI opens a chat stream with the role and empty content.
         return [self._chunk([self._choice("", None, True, True)])]
 
-    def stream_event(self, event: Event) -> list[Payload]:
+    def stream_event(self, event: Event | ToolCalls) -> list[Payload]:
         """The SSE payloads for one engine event; the last event's end with ``[DONE]``."""
+        if isinstance(event, ToolCalls):
+            deltas = [{"index": i, **self._call(c)} for i, c in enumerate(event.calls)]
+            choice = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None}
+            return [self._chunk([{**choice, "finish_reason": None}])]
         if isinstance(event, Token):
             return [self._chunk([self._choice(event.text, None, True, False, event.logprobs)])]
         if isinstance(event, Failed):
@@ -103,6 +122,14 @@ class Reply:
             "message": {"role": "assistant", "content": text},
             "logprobs": lp,
             "finish_reason": finish,
+        }
+
+    @staticmethod
+    def _call(call: ToolCall) -> dict[str, Any]:
+        return {
+            "id": "call_" + uuid.uuid4().hex[:24],
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
         }
 
     def _format_logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:

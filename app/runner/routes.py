@@ -73,7 +73,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             return await _stream(request, reply, flight)
         result = await flight.collect()
         if isinstance(result, Collected):
-            return web.json_response(reply.whole(result.text, result.logprobs, result.done))
+            return web.json_response(
+                reply.whole(result.text, result.logprobs, result.done, result.calls)
+            )
         return openai_error(500, result.message, kind="server_error")
 
 

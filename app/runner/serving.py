@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +25,11 @@ from app.runner.params import (
     parse_inputs,
     parse_messages,
     parse_prompt,
+    schema_grammar,
 )
 from app.runner.render import Renderer, render_request
+from app.runner.tool_calls import ToolCall, ToolCallParser, ToolCalls
+from app.runner.tools import Tools, parse_tools, prompt_messages
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Runtime:
     engine: Engine | None = None
     embedder: Embedder | None = None
     renderer: Renderer | None = None  # completion mode only
+    template_tools: bool = False  # the chat template renders tools itself
     mailbox: Mailbox | None = None  # made on the event loop by the first request
 
     def require_engine(self) -> Engine:
@@ -55,11 +60,13 @@ class Runtime:
 
 @dataclass(frozen=True)
 class Collected:
-    """A whole generation: its text, the logprobs of every token, and how it ended."""
+    """A whole generation: its text, the logprobs of every token, how it ended, and the tool
+    calls found in it."""
 
     text: str
     logprobs: list[TokenLogprob]
     done: Finished
+    calls: list[ToolCall]
 
 
 class Mailbox:
@@ -96,20 +103,46 @@ class InFlight:
     """A submitted job's parameters and the queue its engine events arrive on.
 
     A whole (not streamed) answer wakes the event loop once, when it ends: its tokens are
-    ``held`` on the engine thread meanwhile, and only the last event is queued.
+    ``held`` on the engine thread meanwhile, and only the last event is queued. With tools, the
+    text goes through a tool-call parser: what is not a call comes out as text, the calls as one
+    ``ToolCalls`` event before ``Finished`` (whose reason becomes ``tool_calls``).
     """
 
     def __init__(
-        self, params: Generation, queue: asyncio.Queue[Event], held: list[Token] | None = None
+        self,
+        params: Generation,
+        queue: asyncio.Queue[Event],
+        held: list[Token] | None = None,
+        parser: ToolCallParser | None = None,
     ) -> None:
         self.params = params
         self._queue = queue
         self._held = held if held is not None else []
+        self._parser = parser
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
+    async def batches(self) -> AsyncIterator[list[Event | ToolCalls]]:
         """Every event up to and including the last (``Finished`` or ``Failed``), in lists of
         those that have arrived by the time the caller asks again: a stream that fell behind
         catches up in one write."""
+        async for batch in self._arrived():
+            yield self._parsed(batch)
+
+    async def collect(self) -> Collected | Failed:
+        queued: list[Event] = []
+        async for batch in self._arrived():
+            queued.extend(batch)
+        # The held tokens are all in once the last event is here.
+        events = self._parsed([*self._held, *queued])
+        last = events[-1]
+        if isinstance(last, Failed):
+            return last
+        assert isinstance(last, Finished)
+        tokens = [e for e in events if isinstance(e, Token)]
+        calls = [c for e in events if isinstance(e, ToolCalls) for c in e.calls]
+        logprobs = [lp for t in tokens for lp in t.logprobs]
+        return Collected("".join(t.text for t in tokens), logprobs, last, calls)
+
+    async def _arrived(self) -> AsyncIterator[list[Event]]:
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty() and isinstance(batch[-1], Token):
@@ -118,18 +151,26 @@ class InFlight:
             if not isinstance(batch[-1], Token):
                 return
 
-    async def collect(self) -> Collected | Failed:
-        queued: list[Event] = []
-        async for batch in self.batches():
-            queued.extend(batch)
-        events = [*self._held, *queued]  # held ones are all in once the last event is here
-        last = events[-1]
-        if isinstance(last, Failed):
-            return last
-        assert isinstance(last, Finished)
-        tokens = [e for e in events if isinstance(e, Token)]
-        logprobs = [lp for t in tokens for lp in t.logprobs]
-        return Collected("".join(t.text for t in tokens), logprobs, last)
+    def _parsed(self, events: list[Event]) -> list[Event | ToolCalls]:
+        parser = self._parser
+        if parser is None:
+            return list(events)
+        out: list[Event | ToolCalls] = []
+        for event in events:
+            if isinstance(event, Token):
+                text = parser.feed(event.text)
+                if text or event.logprobs:
+                    out.append(Token(text, event.logprobs))
+                continue
+            if isinstance(event, Finished):
+                rest, calls = parser.finish()
+                if rest:
+                    out.append(Token(rest))
+                if calls:
+                    out.append(ToolCalls(calls))
+                    event = dataclasses.replace(event, reason="tool_calls")
+            out.append(event)
+        return out
 
 
 @asynccontextmanager
@@ -142,12 +183,12 @@ async def generate(
     # few hops as they allow: each costs a request's time to first token a thread wake-up.
     if chat:
         assert rt.renderer is not None
-        params, request = await asyncio.to_thread(_chat_job, rt, body)
+        params, tools, request = await asyncio.to_thread(_chat_job, rt, body)
         text = await rt.renderer.render(request)
         tokens, field = await asyncio.to_thread(_chat_tokens, rt, text), "messages"
     else:
         params, tokens = await asyncio.to_thread(_completion_job, rt, body)
-        field = "prompt"
+        tools, field = None, "prompt"
     if not tokens:
         raise ParamError(f"the {field} is empty", field)
     if len(tokens) >= rt.ctx_size:
@@ -175,7 +216,8 @@ async def generate(
     )
     engine.submit(job)
     try:
-        yield InFlight(params, queue, held)
+        parser = ToolCallParser(tools.names) if tools else None
+        yield InFlight(params, queue, held, parser)
     finally:
         # Client gone or done: either way the slot is free for the next request at once.
         engine.cancel(job)
@@ -197,9 +239,20 @@ def _completion_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, list
     return params, _tokenize(rt, prompt, True, "prompt")
 
 
-def _chat_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, bytes]:
+def _chat_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, Tools | None, bytes]:
     params = _checked_generation(rt, body, chat=True)
-    return params, render_request(parse_messages(body), body.get("tools"))
+    tools = parse_tools(body)
+    schema = tools.forced_schema() if tools else None
+    if schema is not None:  # a call is required: the grammar writes one, whatever the model
+        grammar = schema_grammar(schema, "tools")
+        if not rt.model.grammar_compiles(grammar):
+            raise ParamError("llama.cpp cannot compile the grammar for these tools", "tools")
+        params = dataclasses.replace(
+            params, sampling=dataclasses.replace(params.sampling, grammar=grammar)
+        )
+    messages = prompt_messages(parse_messages(body), tools, rt.template_tools)
+    native_tools = tools.raw if tools and rt.template_tools else None
+    return params, tools, render_request(messages, native_tools)
 
 
 def _chat_tokens(rt: Runtime, text: str) -> list[int]:
