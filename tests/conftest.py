@@ -97,15 +97,21 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(
-        models_path=tmp_path / "models",
+def new_server(root: Path, **env: str) -> Server:
+    """A service (not started yet) with its store and log under ``root``."""
+    return Server(
+        models_path=root / "models",
         # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
         sock=Path(f"/tmp/mr-test-{os.getpid()}-{free_port()}.sock"),
         port=free_port(),
-        log_path=tmp_path / "service.log",
+        log_path=root / "service.log",
+        extra_env=env,
     )
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = new_server(tmp_path)
     srv.start()
     yield srv
     if srv.proc is not None and srv.proc.poll() is None:

@@ -18,19 +18,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import Server
-from tests.netutil import free_port
+from tests.conftest import Server, new_server
 from tests.tiny_gguf import _vocab, write_tiny_gguf
 
 
 def start_server(root: Path, gguf: Path, **env: str) -> Server:
-    srv = Server(
-        models_path=root / "models",
-        sock=Path(f"/tmp/mr-inf-{os.getpid()}-{free_port()}.sock"),
-        port=free_port(),
-        log_path=root / "service.log",
-        extra_env=env,
-    )
+    srv = new_server(root, **env)
     srv.start()
     srv.cli("package", "--gguf", str(gguf), "--load", "tiny")
     return srv

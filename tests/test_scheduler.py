@@ -19,23 +19,12 @@ from typing import Any
 import pytest
 
 from app.client import ClientError
-from tests.conftest import REPO, Server
-from tests.netutil import free_port
+from tests.conftest import REPO, Server, new_server
 from tests.registry import LocalRegistry, Proxy
 from tests.tiny_gguf import write_tiny_gguf
 
 JSON = {"Content-Type": "application/json"}
 MIB = 1024 * 1024
-
-
-def new_server(root: Path, **env: str) -> Server:
-    return Server(
-        models_path=root / "models",
-        sock=Path(f"/tmp/mr-sch-{os.getpid()}-{free_port()}.sock"),
-        port=free_port(),
-        log_path=root / "service.log",
-        extra_env=env,
-    )
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ what real models write is tested on canned outputs (tests/test_tool_calls.py).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Server
-from tests.netutil import free_port
+from tests.conftest import Server, new_server
 from tests.tiny_gguf import write_tiny_gguf
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -74,12 +72,7 @@ MAX_CALL = 300
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("tools")
-    srv = Server(
-        models_path=root / "models",
-        sock=Path(f"/tmp/mr-tools-{os.getpid()}-{free_port()}.sock"),
-        port=free_port(),
-        log_path=root / "service.log",
-    )
+    srv = new_server(root)
     srv.start()
     gguf = write_tiny_gguf(root / "tiny.gguf")
     for name, template in FAMILIES.items():
