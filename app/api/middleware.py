@@ -80,10 +80,18 @@ async def error_answers(request: web.Request, handler: Handler) -> web.StreamRes
         return answer
 
 
+def status_of(exc: Exception) -> int | None:
+    """The HTTP status for a service or scheduler error (None for any other exception): for
+    the APIs that answer errors in their own shapes (Anthropic, Responses)."""
+    if isinstance(exc, errors.ServiceError | scheduler_errors.SchedulerError):
+        return next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    return None
+
+
 def _answer(request: web.Request, exc: Exception) -> web.Response | None:
     """DMR's plain-text answer for an exception; None for aiohttp's own answers (redirects)."""
-    if isinstance(exc, errors.ServiceError | scheduler_errors.SchedulerError):
-        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    status = status_of(exc)
+    if status is not None:
         if status == 500:
             log.error("request failed", error=str(exc))
         retry = getattr(exc, "retry_after", None)
