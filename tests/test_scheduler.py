@@ -153,7 +153,7 @@ def test_memory_estimate_bounds_the_runner(start: Callable[..., Server]):
 
 # -- memory-aware eviction -----------------------------------------------------------------
 def test_least_recently_used_idle_model_makes_room(start: Callable[..., Server]):
-    srv = start(MODEL_RUNNER_MEMORY_LIMIT="250MiB")  # two tiny runners fit, three do not
+    srv = start(MODEL_RUNNER_MEMORY_LIMIT="400MiB")  # two tiny runners fit, three do not
     assert chat(srv, "a") == 200
     assert chat(srv, "b") == 200
     assert chat(srv, "a") == 200  # b is now the least recently used
@@ -174,7 +174,7 @@ def test_model_larger_than_the_limit_is_503_with_the_numbers(start: Callable[...
 
 
 def test_busy_model_is_drained_never_cut(start: Callable[..., Server]):
-    srv = start(MODEL_RUNNER_MEMORY_LIMIT="150MiB")  # one tiny runner at a time
+    srv = start(MODEL_RUNNER_MEMORY_LIMIT="250MiB")  # one tiny runner at a time
     stream = Stream(srv, "a")
     assert stream.status == 200 and stream.first().startswith("data: ")
     thread, result = in_background(lambda: chat(srv, "b"))

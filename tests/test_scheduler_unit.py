@@ -330,8 +330,9 @@ async def test_a_model_larger_than_the_limit_is_refused_for_good_with_the_number
         await use(s, "a")
     assert refused.value.retry_after is None  # waiting will not help
     message = str(refused.value)
-    assert "needs about 196 MiB" in message and "weights 100 MiB" in message
-    assert "memory limit of 195 MiB (MODEL_RUNNER_MEMORY_LIMIT)" in message
+    mib = RUNNER // MIB
+    assert f"needs about {mib} MiB" in message and "weights 100 MiB" in message
+    assert f"memory limit of {mib - 1} MiB (MODEL_RUNNER_MEMORY_LIMIT)" in message
 
 
 async def b_drains_a(runners: Runners) -> tuple[Scheduler, Held, asyncio.Task[None]]:
@@ -380,7 +381,7 @@ async def test_a_runner_with_requests_waiting_is_not_evicted():
     with pytest.raises(NoMemory) as refused:
         await use(s, "b")
     assert refused.value.retry_after and "held by runners" in str(refused.value)
-    assert "a 196 MiB 2 requests" in str(refused.value)
+    assert f"a {RUNNER // MIB} MiB 2 requests" in str(refused.value)
     assert runners.of("a")[0].alive
     await held.release()
 
@@ -391,7 +392,7 @@ async def test_a_pinned_runner_is_never_evicted():
     s = make(runners, limit=RUNNER)
     s.configs.set_base(key("a"), RunnerConfig(), pin=True)
     await use(s, "a")
-    with pytest.raises(NoMemory, match="a 196 MiB pinned"):
+    with pytest.raises(NoMemory, match=f"a {RUNNER // MIB} MiB pinned"):
         await use(s, "b")
     assert resident(s) == {"a"}
 

@@ -22,8 +22,9 @@ from app import gguf_header
 from app.scheduler.devices import HOST, Device
 from app.sizes import MIB
 
-# Python, aiohttp, numpy and llama.cpp's own buffers in an idle runner (measured: ~65 MiB).
-RUNNER_BASE_BYTES = 96 * MIB
+# Python, aiohttp, numpy and llama.cpp's own buffers in an idle runner (measured: ~65 MiB), and
+# a chat runner's template workers (app/runner/render.py: up to 2, ~21 MiB each).
+RUNNER_BASE_BYTES = 144 * MIB
 # llama.cpp reserves a compute graph for one micro-batch; its logits dominate for big vocabs.
 _UBATCH = 512
 _KV_BYTES_PER_VALUE = 2  # f16 cache
