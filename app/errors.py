@@ -14,6 +14,11 @@ class BadRequest(ServiceError):
     """The client sent something unusable (HTTP 400)."""
 
 
+class TooLarge(BadRequest):
+    """The body is over the size cap: a 400 in DMR's routes, a 413 in the APIs that answer
+    errors in their own shapes."""
+
+
 class NotFound(ServiceError):
     """HTTP 404."""
 

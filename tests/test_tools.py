@@ -16,10 +16,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Server, new_server
-from tests.tiny_gguf import write_tiny_gguf
+from tests.conftest import Server
+from tests.tool_models import ASK, MAX_CALL, TEMPLATES, TIME, WEATHER, serving
 
-TEMPLATES = Path(__file__).parent / "templates"
 GEMMA = Path(__file__).parent.parent / "app" / "assets" / "gemma3-chat-template.jinja"
 # name -> chat template: none (the GGUF's ChatML, no tools), Gemma 3's (no tools), and three
 # that render tools themselves.
@@ -29,16 +28,6 @@ FAMILIES = {
     "qwen": TEMPLATES / "qwen2.5.jinja",
     "llama": TEMPLATES / "llama3.1.jinja",
     "mistral": TEMPLATES / "mistral.jinja",
-}
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer"},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
 }
 TOOLS = [
     {
@@ -54,32 +43,16 @@ TOOLS = [
         "function": {
             "name": "get_time",
             "description": "The local time in a time zone",
-            "parameters": {
-                "type": "object",
-                "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-                "required": ["zone"],
-            },
+            "parameters": TIME,
         },
     },
 ]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-# Room for the longest call the schemas allow the random model (a 16-digit "days", 12
-# characters of city escaped as \uXXXX): one cut short is not a call.
-MAX_CALL = 300
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("tools")
-    srv = new_server(root)
-    srv.start()
-    gguf = write_tiny_gguf(root / "tiny.gguf")
-    for name, template in FAMILIES.items():
-        extra = ["--chat-template", str(template)] if template else []
-        srv.cli("package", "--gguf", str(gguf), *extra, "--store", name)
-    yield srv
-    srv.stop()
+    yield from serving(tmp_path_factory.mktemp("tools"), FAMILIES)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,25 @@ def status_of(exc: Exception) -> int | None:
     if isinstance(exc, errors.ServiceError | scheduler_errors.SchedulerError):
         return next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
     return None
+
+
+def answering_errors(render: Callable[[Exception], web.Response]) -> Callable[[Handler], Handler]:
+    """For the APIs with error shapes of their own (Anthropic, Responses): an error before the
+    answer starts is ``render``ed; once a stream is under way, it is cut as on any route."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def answer(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                if is_streaming(request):
+                    raise
+                return render(exc)
+
+        return answer
+
+    return wrap
 
 
 def _answer(request: web.Request, exc: Exception) -> web.Response | None:

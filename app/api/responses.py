@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from app import json_body
-from app.errors import BadRequest, RequestTimeout
+from app.errors import BadRequest, RequestTimeout, TooLarge
 
 
 def plain_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -48,7 +48,7 @@ async def read_body(request: web.Request) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BadRequest("request too large") from None
+        raise TooLarge("request too large") from None
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {timeout:g} s (MODEL_RUNNER_REQUEST_TIMEOUT)"

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from app import __version__
-from app.api import control, models, openai
+from app.api import anthropic, control, models, openai, openai_responses
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
 from app.api.middleware import access_log, error_answers
@@ -83,6 +83,8 @@ def _routes() -> list[tuple[str, str, Handler]]:
         routes.append(("GET", f"{prefix}/models/{{name:.+}}", models.openai_model))
         for route in openai.ROUTES:
             routes.append(("POST", f"{prefix}/{route}", openai.handler(route)))
+    routes.extend(anthropic.routes())
+    routes.extend(openai_responses.routes())
     return routes
 
 

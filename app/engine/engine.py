@@ -49,6 +49,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,7 @@ class Engine:
             prompt_tokens=len(slot.request.prompt),
             completion_tokens=slot.generated,
             cached_tokens=slot.reused,
+            stop_sequence=slot.stops.matched,
         )
 
     def _finish(self, slot: _Slot, event: Event) -> None:

@@ -55,6 +55,7 @@ class Reply:
         calls: Sequence[ToolCall] = (),
     ) -> dict[str, Any]:
         choice = self._choice(text, done.reason, False, False, logprobs)
+        _stopped_by(choice, done)
         if calls:
             # OpenAI: a message that only calls tools has null content.
             choice["message"] = {
@@ -83,9 +84,9 @@ class Reply:
         if isinstance(event, Failed):
             # No "param" here, unlike error_body: streamed failures have always looked like this.
             return [{"error": {"code": 500, "message": event.message, "type": "server_error"}}]
-        payloads: list[Payload] = [
-            self._chunk([self._choice(None if self.chat else "", event.reason, True, False)])
-        ]
+        last = self._choice(None if self.chat else "", event.reason, True, False)
+        _stopped_by(last, event)
+        payloads: list[Payload] = [self._chunk([last])]
         if self.include_usage:
             body = self._envelope([], True)
             body["usage"] = self._usage(event)
@@ -173,6 +174,14 @@ class Reply:
             "total_tokens": done.prompt_tokens + done.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
         }
+
+
+def _stopped_by(choice: dict[str, Any], done: Finished) -> None:
+    # Beyond OpenAI's shape, as llama-server's stopping_word: which stop string ended the
+    # answer, where finish_reason "stop" alone cannot tell it from the model's end of turn
+    # (Anthropic's stop_sequence is translated from it).
+    if done.stop_sequence is not None:
+        choice["stop_sequence"] = done.stop_sequence
 
 
 def embeddings_body(

@@ -1,0 +1,158 @@
+"""Anthropic's Messages API (spec 2.4, 7.2): thin handlers around app/protocols/anthropic.py and
+the service's chat client, every error in Anthropic's shape.
+
+DMR forwards these requests to llama-server, which speaks the Messages API itself; here they are
+translated to chat completions, so that templates, tools and streaming are the runner's one
+implementation. ``x-api-key`` and ``anthropic-version`` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from app import errors
+from app.api.inflight import cut_by_shutdown
+from app.api.middleware import Handler, answering_errors, status_of
+from app.api.openai import INFERENCE
+from app.api.responses import json_response, mark_streaming, read_json
+from app.logging import get_logger
+from app.protocols import anthropic as protocol
+from app.service.backend import check_backend
+from app.service.chat import ChatAnswer, ChatFailed, chat
+from app.service.inference import RunnerDied
+
+log = get_logger("anthropic")
+
+# Anthropic's SDKs call {base_url}/v1/messages: DMR documents http://host:12434 as base URL,
+# and serves these under its scheduler's paths too.
+PREFIXES = ("/anthropic/v1", "/v1", "/engines/v1", "/engines/{backend}/v1")
+
+
+def routes() -> list[tuple[str, str, Handler]]:
+    return [
+        ("POST", f"{prefix}/{path}", handler)
+        for prefix in PREFIXES
+        for path, handler in (("messages", messages), ("messages/count_tokens", count_tokens))
+    ]
+
+
+def _render(exc: Exception) -> web.Response:
+    """Any error before the answer starts as Anthropic's error object, never DMR's text."""
+    status, message = _failure(exc)
+    headers: dict[str, str] = {}
+    if retry := getattr(exc, "retry_after", None):
+        headers["Retry-After"] = str(retry)
+    return web.json_response(protocol.error_body(status, message), status=status, headers=headers)
+
+
+_anthropic_errors = answering_errors(_render)
+
+
+def _failure(exc: Exception) -> tuple[int, str]:
+    status, message = _status(exc), str(exc)
+    if status is None:
+        log.error("unhandled error", exc_info=exc)
+        return 500, "internal server error"
+    if status >= 500:
+        log.error("request failed", status=status, error=message)
+    return status, message
+
+
+def _status(exc: Exception) -> int | None:
+    if isinstance(exc, protocol.InvalidRequest):
+        return 400
+    if isinstance(exc, errors.TooLarge):
+        return 413
+    if isinstance(exc, ChatFailed):  # the runner's own refusal, its message as it said it
+        return exc.status
+    if isinstance(exc, RunnerDied):
+        return 500
+    return status_of(exc)
+
+
+async def _request(request: web.Request, counting: bool = False) -> protocol.MessagesRequest:
+    body = await read_json(request, "the request body is not valid JSON")
+    return protocol.parse_request(body, counting)
+
+
+@contextlib.asynccontextmanager
+async def _ask(request: web.Request, asked: protocol.MessagesRequest) -> AsyncIterator[ChatAnswer]:
+    backend = request.match_info.get("backend")
+    check_backend(backend)  # first: a 404 from chat() below is then the model's
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            answer = await stack.enter_async_context(
+                chat(request.app[INFERENCE], asked.chat, backend)
+            )
+        except errors.NotFound:
+            raise errors.NotFound(f"model: {asked.model} not found") from None
+        yield answer
+
+
+@_anthropic_errors
+async def messages(request: web.Request) -> web.StreamResponse:
+    asked = await _request(request)
+    async with _ask(request, asked) as answer:
+        if answer.chunks is None:
+            assert answer.body is not None
+            return json_response(protocol.message(answer.body, asked))
+        return await _stream(request, answer.chunks, protocol.StreamTranslator(asked))
+
+
+@_anthropic_errors
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    async with _ask(request, await _request(request, counting=True)) as answer:
+        assert answer.body is not None
+        return json_response({"input_tokens": protocol.input_tokens(answer.body)})
+
+
+async def _stream(
+    request: web.Request, chunks: AsyncIterator[dict], translator: protocol.StreamTranslator
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    mark_streaming(request)
+    try:
+        await _send(response, translator.start())
+        async for chunk in chunks:
+            await _send(response, translator.feed(chunk))
+            if translator.failed:
+                break
+        else:
+            await _send(response, translator.finish())
+    except RunnerDied as exc:
+        await _last_event(response, protocol.error_event(500, str(exc)))
+    except asyncio.CancelledError:
+        if not cut_by_shutdown(request):
+            raise  # the client left; leaving chat()'s block stops the runner's work
+        cut = "the service is shutting down; this answer was cut short"
+        await _last_event(response, protocol.error_event(503, cut))
+    except ConnectionResetError:
+        log.info("client went away mid-answer", route=request.path)
+        return response
+    # A client may hang up as soon as it has read the last event, before the chunked end.
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, events: list[protocol.Event]) -> None:
+    if events:
+        await response.write(b"".join(_sse(event) for event in events))
+
+
+def _sse(event: protocol.Event) -> bytes:
+    name, data = event
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _last_event(response: web.StreamResponse, event: protocol.Event) -> None:
+    with contextlib.suppress(ConnectionResetError):  # unless the client has left too
+        await _send(response, [event])
