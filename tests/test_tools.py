@@ -66,10 +66,16 @@ def check_call(name: str, arguments: str) -> dict[str, object]:
     return args
 
 
+NAMED = {"type": "function", "function": {"name": "get_time"}}
+# (tool_choice, the functions the call may name)
+FORCED = [("required", set(SCHEMAS)), (NAMED, {"get_time"})]
+
+
 @pytest.mark.parametrize("family", ["chatml", "qwen"])
-def test_required_tool_choice_gets_a_valid_call(client: openai.OpenAI, family: str):
+@pytest.mark.parametrize("tool_choice, names", FORCED)
+def test_a_forced_call_is_valid(client: openai.OpenAI, family: str, tool_choice, names):
     reply = client.chat.completions.create(
-        model=family, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=MAX_CALL
+        model=family, messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=MAX_CALL
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -77,24 +83,25 @@ def test_required_tool_choice_gets_a_valid_call(client: openai.OpenAI, family: s
     calls = choice.message.tool_calls
     assert calls and len(calls) == 1
     assert calls[0].type == "function" and calls[0].id.startswith("call_")
-    assert calls[0].function.name in SCHEMAS
+    assert calls[0].function.name in names
     check_call(calls[0].function.name, calls[0].function.arguments)
 
 
-def test_named_function_is_called_streamed(client: openai.OpenAI):
+@pytest.mark.parametrize("tool_choice, names", FORCED)
+def test_a_forced_call_is_valid_streamed(client: openai.OpenAI, tool_choice, names):
     stream = client.chat.completions.create(
         model="chatml",
         messages=ASK,
         tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        tool_choice=tool_choice,
         max_tokens=MAX_CALL,
         stream=True,
     )
     chunks = list(stream)
     deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
     assert [d.index for d in deltas] == [0]
-    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
-    check_call("get_weather", deltas[0].function.arguments)
+    assert deltas[0].function.name in names and deltas[0].id.startswith("call_")
+    check_call(deltas[0].function.name, deltas[0].function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
 
