@@ -78,6 +78,15 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_logged(self, text: str, times: int = 1) -> list[str]:
+        """The log's lines holding ``text``, once there are ``times`` of them: a runner's stderr
+        reaches the log on its own schedule. The bound is for a hang, not a speed."""
+        deadline = time.monotonic() + 60
+        while len(lines := [ln for ln in self.log().splitlines() if text in ln]) < times:
+            assert time.monotonic() < deadline, f"never logged {times}x: {text}"
+            time.sleep(0.02)
+        return lines
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "app", *args],

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import struct
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -312,11 +311,7 @@ def test_client_gone_frees_the_slot(tmp_path: Path):
         # With one slot, this request can only run once the abandoned one has stopped.
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x")
         assert greedy(client, "the test", 4)
-        # The runner's stderr reaches the service log on its own schedule: wait for the line.
-        deadline = time.monotonic() + 10
-        while not (done := [ln for ln in srv.log().splitlines() if "reason=cancelled" in ln]):
-            assert time.monotonic() < deadline, "the abandoned request was not cancelled"
-            time.sleep(0.02)
+        done = srv.wait_logged("reason=cancelled")
         generated = int(done[0].split("completion_tokens=")[1].split()[0].strip("'\""))
         assert generated < 2000
         assert "Traceback" not in srv.log()  # a client leaving is no error of the service
