@@ -269,7 +269,14 @@ class Puller:
                 await self._download(partial, download, registry)
             else:  # a whole layer a failed pull left behind: it needs no bytes, only checking
                 download.report(partial.size)
-            await asyncio.to_thread(partial.commit)
+            # Cancelled mid-commit (another layer failed), the task still ends only once the
+            # blob is published or not: a failed pull's clean-up runs after it, never before.
+            commit = asyncio.ensure_future(asyncio.to_thread(partial.commit))
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                await asyncio.wait([commit])
+                raise
         except BaseException as exc:
             if space.is_disk_full(exc):
                 await asyncio.shield(asyncio.to_thread(partial.discard))
