@@ -549,3 +549,16 @@ def test_half_a_surrogate_pair_is_replaced_not_a_500(llm: Server):
     assert reply.status == 200, reply.text
     body = b'{"model": "tiny", "max_tokens": 2, "prompt": "\\udc00", "stop": ["\\ud83d"]}'
     assert llm.tcp.request("POST", "/v1/completions", body).status == 200
+
+
+def test_every_answer_carries_its_request_id_streamed_too(llm: Server, client: openai.OpenAI):
+    stream = client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True)
+    assert len(stream.response.headers["x-request-id"]) == 16
+    list(stream)
+    conn = http.client.HTTPConnection("127.0.0.1", llm.port, timeout=30)
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"X-Request-Id": "mine-42"})
+    reply = conn.getresponse()
+    assert reply.getheader("X-Request-Id") == "mine-42"
+    reply.read()
+    conn.close()

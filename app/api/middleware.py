@@ -37,18 +37,27 @@ _STATUS: dict[type[Exception], int] = {
 }
 
 
+_REQUEST_ID = "model_runner.request_id"
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: streamed answers carry the id too (they prepare themselves, before
+    the handler returns), so SDKs can report it (the openai SDK's ``_request_id``)."""
+    request_id = request.get(_REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
+
+
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One line per request with its status and duration; the request id goes back as a header."""
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    request_id = request[_REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     start = time.perf_counter()
     status = 500
     try:
         response = await handler(request)
         status = response.status
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
         return response
     except asyncio.CancelledError:
         status = 499  # nginx's "client closed request": the client left (or shutdown cut it)

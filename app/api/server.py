@@ -19,7 +19,7 @@ from app import __version__
 from app.api import anthropic, control, models, openai, openai_responses
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
-from app.api.middleware import access_log, error_answers
+from app.api.middleware import access_log, add_request_id, error_answers
 from app.api.responses import REQUEST_TIMEOUT, json_response
 from app.logging import get_logger
 from app.preload_manifest import ModelEntry
@@ -116,6 +116,7 @@ def create_app(
     app[IN_FLIGHT] = in_flight
     app[REQUEST_TIMEOUT] = settings.request_timeout
     app.on_response_prepare.append(add_allow_origin)
+    app.on_response_prepare.append(add_request_id)
     store = store or ModelStore(settings.models_path, settings.default_registry)
     app[models.SERVICE] = ModelService(store)
 
