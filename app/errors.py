@@ -51,6 +51,10 @@ class Unavailable(ServiceError):
         self.retry_after = retry_after
 
 
-def model_not_found(ref: str) -> NotFound:
+class UnknownModel(NotFound):
+    """A request names a model the store lacks (HTTP 404; OpenAI's code "model_not_found")."""
+
+
+def model_not_found(ref: str) -> UnknownModel:
     """DMR's answer when an inference or /v1/models request names a model the store lacks."""
-    return NotFound(f"error while getting model: get model '\"{ref}\"': model not found")
+    return UnknownModel(f"error while getting model: get model '\"{ref}\"': model not found")

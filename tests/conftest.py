@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +106,15 @@ class Server:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def openai_error(reply: Any) -> dict[str, Any]:
+    """The error object of an answer in OpenAI's shape, after checking that it is one."""
+    assert reply.headers["Content-Type"].startswith("application/json"), reply.text
+    error = json.loads(reply.body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == ("invalid_request_error" if reply.status < 500 else "server_error")
+    return error
 
 
 def new_server(root: Path, **env: str) -> Server:

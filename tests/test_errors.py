@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, openai_error
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -104,8 +104,10 @@ def test_pull_body_errors(server: Server):
 def test_bodies_json_cannot_parse_are_400(server: Server, body: bytes):
     for path in ("/models/create", "/models/x/push"):
         assert_plain(server.tcp.request("POST", path, body), 400, "invalid request body")
-    for path in ("/engines/unload", "/engines/_configure", "/v1/chat/completions"):
+    for path in ("/engines/unload", "/engines/_configure"):
         assert_plain(server.tcp.request("POST", path, body), 400, "invalid request")
+    reply = server.tcp.request("POST", "/v1/chat/completions", body)
+    assert reply.status == 400 and openai_error(reply)["message"] == "invalid request"
 
 
 def test_body_over_the_cap_is_400(server: Server):

@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import Server, new_server
+from tests.conftest import Server, new_server, openai_error
 from tests.tiny_gguf import _vocab, write_tiny_gguf
 
 
@@ -196,7 +196,7 @@ def test_prompt_longer_than_the_context_is_400_with_numbers(llm: Server):
     assert size and int(size.group(1)) > 3000 and "context size of 2048 tokens" in message
 
 
-def test_front_errors_are_dmr_plain_text(llm: Server):
+def test_front_errors_are_openai_json(llm: Server, client: openai.OpenAI):
     cases = [
         ("/v1/chat/completions", b"{nope", 400, "invalid request"),
         ("/v1/chat/completions", b'{"messages": []}', 400, "model is required"),
@@ -210,11 +210,19 @@ def test_front_errors_are_dmr_plain_text(llm: Server):
     ]
     for path, body, status, text in cases:
         reply = llm.tcp.request("POST", path, body)
-        assert (reply.status, reply.text) == (status, text), path
-        assert reply.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert (reply.status, openai_error(reply)["message"]) == (status, text), path
     big = b'{"model": "tiny", "prompt": "' + b"x" * (11 * 1024 * 1024) + b'"}'
     reply = llm.tcp.request("POST", "/v1/completions", big)
-    assert (reply.status, reply.text) == (400, "request too large")
+    assert (reply.status, openai_error(reply)["code"]) == (413, "request_too_large")
+    # The SDKs show the reason, not only the status.
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(
+            model="ai/absent", messages=[{"role": "user", "content": "x"}]
+        )
+    assert "model not found" in str(caught.value) and caught.value.code == "model_not_found"
+    # DMR's own routes keep DMR's plain text.
+    reply = llm.tcp.request("GET", "/models/ai/absent")
+    assert reply.headers["Content-Type"] == "text/plain; charset=utf-8"
 
 
 def test_eight_concurrent_streams_finish_with_exact_usage(client: openai.OpenAI):
@@ -385,8 +393,9 @@ def test_corrupt_gguf_is_a_clear_500_and_the_service_lives_on(tmp_path: Path):
         reply = srv.tcp.request("POST", "/v1/completions", body)
         assert reply.status == 500
         # Caught before a runner starts: the GGUF's header does not parse.
-        assert reply.text.startswith("unable to load runner: failed to load model")
-        assert "is not a usable GGUF" in reply.text
+        message = openai_error(reply)["message"]
+        assert message.startswith("unable to load runner: failed to load model")
+        assert "is not a usable GGUF" in message
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x")
         assert greedy(client, "still alive", 2)
     finally:
@@ -522,7 +531,7 @@ def test_grammar_with_every_allowed_token_banned_does_not_crash(llm: Server, cli
 def test_deeply_nested_json_is_400(llm: Server):
     body = b"[" * 50000 + b"]" * 50000
     reply = llm.tcp.request("POST", "/v1/completions", body)
-    assert reply.status == 400 and reply.text == "invalid request"
+    assert reply.status == 400 and openai_error(reply)["message"] == "invalid request"
 
 
 def test_preload_only_loads_without_generating(tmp_path: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.client import Reply
-from tests.conftest import Server
+from tests.conftest import Server, openai_error
 
 Call = Callable[..., Reply]
 
@@ -83,7 +83,10 @@ def test_partial_name_fallback_only_on_models_route(server: Server, tiny_gguf: P
     assert call("GET", "/models/tiny-gguf").status == 200
     reply = call("GET", "/engines/v1/models/tiny-gguf")
     assert reply.status == 404
-    assert reply.text == "error while getting model: get model '\"tiny-gguf\"': model not found"
+    error = openai_error(reply)
+    missing = "error while getting model: get model '\"tiny-gguf\"': model not found"
+    assert error["message"] == missing
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
 
 
 def test_openai_model_list(server: Server, tiny_gguf: Path, call: Call):

@@ -166,8 +166,9 @@ def test_least_recently_used_idle_model_makes_room(start: Callable[..., Server])
 
 def test_model_larger_than_the_limit_is_503_with_the_numbers(start: Callable[..., Server]):
     srv = start(MODEL_RUNNER_MEMORY_LIMIT="40MiB")
-    status, text, _ = call(srv, "POST", "/v1/completions", {"model": "a", "prompt": "x"})
+    status, body, _ = call(srv, "POST", "/v1/completions", {"model": "a", "prompt": "x"})
     assert status == 503
+    text = body["error"]["message"]
     assert "needs about" in text and "MiB" in text and "40 MiB" in text
     assert "MODEL_RUNNER_MEMORY_LIMIT" in text
     assert ps(srv) == {}
@@ -194,9 +195,10 @@ def test_full_queue_answers_503_at_once(start: Callable[..., Server]):
     assert running.first().startswith("data: ")
     queued = Stream(srv, "a", 5)
     wait_for("a queued request", lambda: ps(srv)["a"].get("waiting") == 1)
-    status, text, headers = call(srv, "POST", "/v1/completions", {"model": "a", "prompt": "x"})
+    status, body, headers = call(srv, "POST", "/v1/completions", {"model": "a", "prompt": "x"})
     assert status == 503
     assert ps(srv)["a"].get("waiting") == 1  # refused at once, not after the queue moved
+    text = body["error"]["message"]
     assert "too many requests for a" in text and "MODEL_RUNNER_MAX_QUEUE=1" in text
     assert int(headers["Retry-After"]) > 0
     assert finish_reason(running.rest()) == "length"
@@ -493,11 +495,12 @@ def test_a_model_that_fails_to_load_twice_is_refused_at_once(
     srv = start()
     srv.cli("package", "--gguf", str(gguf), "--load", "cut")
     for _ in range(2):
-        status, text, _ = call(srv, "POST", "/v1/completions", {"model": "cut", "prompt": "x"})
+        status, body, _ = call(srv, "POST", "/v1/completions", {"model": "cut", "prompt": "x"})
         assert status == 500
+        text = body["error"]["message"]
         assert "the runner exited with code 1 while loading the model: failed to load" in text
-    status, text, headers = call(srv, "POST", "/v1/completions", {"model": "cut", "prompt": "x"})
-    assert status == 500 and "failed to load 2 times in the last 60 s" in text
+    status, body, headers = call(srv, "POST", "/v1/completions", {"model": "cut", "prompt": "x"})
+    assert status == 500 and "failed to load 2 times in the last 60 s" in body["error"]["message"]
     assert 0 < int(headers["Retry-After"]) <= 60
     assert srv.log().count("runner says") >= 2  # its own words reached the log, twice
     assert chat(srv, "a") == 200  # other models are not affected

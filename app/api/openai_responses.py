@@ -13,16 +13,15 @@ import json
 
 from aiohttp import web
 
-from app import errors
 from app.api.inflight import cut_by_shutdown
-from app.api.middleware import Handler, answering_errors, status_of
+from app.api.middleware import Handler, answering_errors
 from app.api.openai import INFERENCE
+from app.api.openai_errors import openai_error_answer
 from app.api.responses import json_response, mark_streaming, read_json
 from app.logging import get_logger
-from app.protocols.responses import ResponsesError, Turn, item_page, parse_request
+from app.protocols.responses import Turn, item_page, parse_request
 from app.protocols.responses_stream import Event
 from app.service.backend import check_backend
-from app.service.inference import RunnerDied
 from app.service.responses import ResponsesService
 
 log = get_logger("responses")
@@ -46,36 +45,11 @@ def routes() -> list[tuple[str, str, Handler]]:
         "DELETE": (("/{id}", api.delete),),
     }
     return [
-        (method, prefix + path, answering_errors(_render)(handler))
+        (method, prefix + path, answering_errors(openai_error_answer)(handler))
         for prefix in PREFIXES
         for method, paths in handlers.items()
         for path, handler in paths
     ]
-
-
-def _render(exc: Exception) -> web.Response:
-    """Any error before the answer starts as OpenAI's error object."""
-    error = _as_responses_error(exc)
-    response = json_response(error.body(), error.status)
-    if error.retry_after:
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
-
-
-def _as_responses_error(exc: Exception) -> ResponsesError:
-    if isinstance(exc, ResponsesError):
-        return exc
-    if isinstance(exc, errors.TooLarge):
-        return ResponsesError(413, str(exc), None, "request_too_large")
-    if isinstance(exc, RunnerDied):
-        return ResponsesError(500, str(exc))
-    status = status_of(exc)
-    if status is None:
-        log.error("unhandled error", exc_info=exc)
-        return ResponsesError(500, "internal server error")
-    if status >= 500:
-        log.error("request failed", error=str(exc))
-    return ResponsesError(status, str(exc), retry_after=getattr(exc, "retry_after", None))
 
 
 def _sse(event: Event) -> bytes:

@@ -19,7 +19,8 @@ from app import __version__
 from app.api import anthropic, control, models, openai, openai_responses
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
-from app.api.middleware import access_log, add_request_id, error_answers
+from app.api.middleware import access_log, add_request_id, answering_errors, error_answers
+from app.api.openai_errors import openai_error_answer
 from app.api.responses import REQUEST_TIMEOUT, json_response
 from app.logging import get_logger
 from app.preload_manifest import ModelEntry
@@ -78,11 +79,13 @@ def _routes() -> list[tuple[str, str, Handler]]:
         ("DELETE", "/models/{name:.+}", models.delete_model),
         ("POST", "/models/{name:.+}", models.model_action),
     ]
+    # Errors there in OpenAI's shape, which its SDKs read the reason from.
+    in_openai_shape = answering_errors(openai_error_answer)
     for prefix in OPENAI_PREFIXES:
-        routes.append(("GET", f"{prefix}/models", models.openai_models))
-        routes.append(("GET", f"{prefix}/models/{{name:.+}}", models.openai_model))
+        routes.append(("GET", f"{prefix}/models", in_openai_shape(models.openai_models)))
+        routes.append(("GET", f"{prefix}/models/{{name:.+}}", in_openai_shape(models.openai_model)))
         for route in openai.ROUTES:
-            routes.append(("POST", f"{prefix}/{route}", openai.handler(route)))
+            routes.append(("POST", f"{prefix}/{route}", in_openai_shape(openai.handler(route))))
     routes.extend(anthropic.routes())
     routes.extend(openai_responses.routes())
     return routes

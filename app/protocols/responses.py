@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.protocols.openai_errors import OpenAIError
+
 # DMR answers these with a 400 (spec 7.3): they need features a local runner does not have.
 _REFUSED = (
     "include",
@@ -38,32 +40,8 @@ _PARAMS = {
 }
 
 
-class ResponsesError(Exception):
-    """A request the Responses API refuses: its status and OpenAI's error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
-        self.retry_after = retry_after
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {
-            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}
-        }
-
-
-def _bad(message: str, param: str | None, code: str | None = None) -> ResponsesError:
-    return ResponsesError(400, message, param, code)
+def _bad(message: str, param: str | None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param, code)
 
 
 def responses_param(chat_param: str | None) -> str | None:
@@ -131,7 +109,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
 
 
 def parse_request(body: Any) -> ResponsesRequest:
-    """A create request, validated; a ResponsesError (400 naming the field) for anything off.
+    """A create request, validated; a OpenAIError (400 naming the field) for anything off.
     Fields this API does not know are ignored, as DMR's decoder ignores them."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app import errors
-from app.protocols.responses import ResponsesError, ResponsesRequest, Turn, responses_param
+from app.protocols.openai_errors import OpenAIError
+from app.protocols.responses import ResponsesRequest, Turn, responses_param
 from app.protocols.responses_stream import Event, ResponseStream
 from app.service.chat import ChatAnswer, ChatFailed, chat
 from app.service.inference import InferenceService, RunnerDied
@@ -107,8 +108,8 @@ def _chars(messages: list[dict[str, Any]]) -> int:
     return total
 
 
-def not_found(response_id: str) -> ResponsesError:
-    return ResponsesError(404, f"Response with id '{response_id}' not found.")
+def not_found(response_id: str) -> OpenAIError:
+    return OpenAIError(404, f"Response with id '{response_id}' not found.")
 
 
 class ResponsesService:
@@ -123,7 +124,7 @@ class ResponsesService:
             return Turn(request)
         stored = self.store.get(previous)
         if stored is None:
-            raise ResponsesError(
+            raise OpenAIError(
                 404,
                 f"Previous response with id '{previous}' not found.",
                 "previous_response_id",
@@ -213,13 +214,11 @@ async def _chat(
         try:
             answer = await stack.enter_async_context(chat(inference, turn.chat_request(), backend))
         except ChatFailed as exc:
-            raise ResponsesError(exc.status, str(exc), responses_param(exc.param)) from None
-        except errors.NotFound as exc:
-            if str(exc) != str(errors.model_not_found(model)):
-                raise
-            raise ResponsesError(
+            raise OpenAIError(exc.status, str(exc), responses_param(exc.param)) from None
+        except errors.UnknownModel:
+            raise OpenAIError(
                 404, f"The model '{model}' does not exist.", "model", "model_not_found"
             ) from None
         except errors.BadRequest as exc:  # the request was checked: only the model name is left
-            raise ResponsesError(400, str(exc), "model") from None
+            raise OpenAIError(400, str(exc), "model") from None
         yield answer
