@@ -89,7 +89,6 @@ class _Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
     sampler: Sampler | None = None
     next_token: int | None = None
-    logits_at: int = -1  # the batch index of this step's logits for the slot
     generated: int = 0
     reused: int = 0
     detok: Detokenizer = field(default_factory=Detokenizer)
@@ -285,9 +284,8 @@ class Engine:
         for slot, index, token in zip(
             sampled, outputs, self._choose(sampled, outputs), strict=True
         ):
-            slot.logits_at = index
             try:
-                self._advance(slot, token)
+                self._advance(slot, index, token)
             except Exception as exc:  # fails this request only
                 self._forget_cache(slot)
                 self._finish(slot, Failed(f"inference failed: {exc}"))
@@ -331,7 +329,8 @@ class Engine:
             return rows.argmax(axis=1).tolist()
         return [int(rows[i].argmax()) if g else None for i, g in enumerate(greedy)]
 
-    def _advance(self, slot: _Slot, token: int) -> None:
+    def _advance(self, slot: _Slot, index: int, token: int) -> None:
+        """The slot's next ``token``, chosen from the logits at batch ``index``."""
         request = slot.request
         assert request is not None
         if self.model.is_eog(token):
@@ -343,7 +342,7 @@ class Engine:
         text, stopped = slot.stops.feed(slot.detok.feed(piece))
         logprobs = ()
         if request.top_logprobs is not None:
-            logprobs = (self._logprob(slot.logits_at, token, piece, request.top_logprobs),)
+            logprobs = (self._logprob(index, token, piece, request.top_logprobs),)
         if text or logprobs:
             self._outbox.append((request, Token(text, logprobs)))
         if stopped:

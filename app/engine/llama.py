@@ -180,7 +180,6 @@ class Batch:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.size = 0
         self._token = np.zeros(capacity, dtype=np.int32)
         self._pos = np.zeros(capacity, dtype=np.int32)
         self._n_seq_id = np.ones(capacity, dtype=np.int32)  # one sequence per token, always
@@ -213,7 +212,7 @@ class Batch:
         self._seq[:n] = seqs
         self._logits[:n] = 0
         self._logits[outputs] = 1
-        self.ptr.n_tokens = self.size = n
+        self.ptr.n_tokens = n
 
 
 def logits_row(ctx: object, index: int, n_vocab: int) -> np.ndarray:
