@@ -8,18 +8,16 @@ implementation. ``x-api-key`` and ``anthropic-version`` are accepted and ignored
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from app import errors
-from app.api.inflight import cut_by_shutdown
+from app.api import sse
 from app.api.middleware import Handler, answering_errors, status_of
 from app.api.openai import INFERENCE
-from app.api.responses import json_response, mark_streaming, read_json
+from app.api.responses import json_response, read_json
 from app.logging import get_logger
 from app.protocols import anthropic as protocol
 from app.service.backend import check_backend
@@ -114,45 +112,20 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 async def _stream(
     request: web.Request, chunks: AsyncIterator[dict], translator: protocol.StreamTranslator
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    mark_streaming(request)
-    try:
-        await _send(response, translator.start())
-        async for chunk in chunks:
-            await _send(response, translator.feed(chunk))
-            if translator.failed:
-                break
-        else:
-            await _send(response, translator.finish())
-    except RunnerDied as exc:
-        await _last_event(response, protocol.error_event(500, str(exc)))
-    except asyncio.CancelledError:
-        if not cut_by_shutdown(request):
-            raise  # the client left; leaving chat()'s block stops the runner's work
-        cut = "the service is shutting down; this answer was cut short"
-        await _last_event(response, protocol.error_event(503, cut))
-    except ConnectionResetError:
-        log.info("client went away mid-answer", route=request.path)
-        return response
-    # A client may hang up as soon as it has read the last event, before the chunked end.
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
-    return response
+    async def frames() -> AsyncIterator[bytes]:
+        yield _frames(translator.start())
+        try:
+            async for chunk in chunks:
+                yield _frames(translator.feed(chunk))
+                if translator.failed:
+                    return
+        except RunnerDied as exc:
+            yield _frames([protocol.error_event(500, str(exc))])
+            return
+        yield _frames(translator.finish())
+
+    return await sse.relay(request, frames(), lambda cut: _frames([protocol.error_event(503, cut)]))
 
 
-async def _send(response: web.StreamResponse, events: list[protocol.Event]) -> None:
-    if events:
-        await response.write(b"".join(_sse(event) for event in events))
-
-
-def _sse(event: protocol.Event) -> bytes:
-    name, data = event
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-async def _last_event(response: web.StreamResponse, event: protocol.Event) -> None:
-    with contextlib.suppress(ConnectionResetError):  # unless the client has left too
-        await _send(response, [event])
+def _frames(events: list[protocol.Event]) -> bytes:
+    return b"".join(sse.event(name, data) for name, data in events)

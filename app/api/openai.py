@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from app.api import sse
 from app.api.inflight import cut_by_shutdown
 from app.api.responses import mark_streaming, read_body, read_json
 from app.logging import get_logger
@@ -63,7 +64,7 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         except asyncio.CancelledError:
             if response is None or not _is_event_stream(response) or not cut_by_shutdown(request):
                 raise
-            await _last_event(response, "the service is shutting down; this answer was cut short")
+            await _last_event(response, sse.SHUTDOWN)
         except ConnectionResetError:
             # The client left mid-answer (leaving the block above already let go of the runner):
             # nobody is left to tell, and it is no error of ours.

@@ -7,24 +7,20 @@ templates, tool calling and streaming are the runner's one implementation.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app.api.inflight import cut_by_shutdown
+from app.api import sse
 from app.api.middleware import Handler, answering_errors
 from app.api.openai import INFERENCE
 from app.api.openai_errors import openai_error_answer
-from app.api.responses import json_response, mark_streaming, read_json
-from app.logging import get_logger
+from app.api.responses import json_response, read_json
 from app.protocols.responses import Turn, item_page, parse_request
 from app.protocols.responses_stream import Event
 from app.service.backend import check_backend
 from app.service.responses import ResponsesService
-
-log = get_logger("responses")
 
 PREFIXES = (
     "/responses",
@@ -33,7 +29,6 @@ PREFIXES = (
     "/engines/v1/responses",
     "/engines/{backend}/v1/responses",
 )
-_SHUTDOWN = "the service is shutting down; this answer was cut short"
 
 
 def routes() -> list[tuple[str, str, Handler]]:
@@ -52,9 +47,8 @@ def routes() -> list[tuple[str, str, Handler]]:
     ]
 
 
-def _sse(event: Event) -> bytes:
-    data = json.dumps(event, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+def _frames(events: list[Event]) -> bytes:
+    return b"".join(sse.event(e["type"], e) for e in events)
 
 
 class _ResponsesAPI:
@@ -76,28 +70,13 @@ class _ResponsesAPI:
     ) -> web.StreamResponse:
         inference = request.app[INFERENCE]
         async with self.service.stream(inference, turn, backend) as live:
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-            )
-            await response.prepare(request)
-            mark_streaming(request)
-            try:
+
+            async def frames() -> AsyncIterator[bytes]:
                 async with contextlib.aclosing(live.events()) as events:
                     async for event in events:
-                        await response.write(_sse(event))
-            except asyncio.CancelledError:
-                if not cut_by_shutdown(request):
-                    raise  # the client left: leaving the block stops the runner's work
-                with contextlib.suppress(ConnectionResetError):
-                    for event in live.cut(_SHUTDOWN):
-                        await response.write(_sse(event))
-            except ConnectionResetError:
-                log.info("client went away mid-answer", route="responses")
-                return response
-        # A client may hang up as soon as it has read the last event, before the chunked end.
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
-        return response
+                        yield _frames([event])
+
+            return await sse.relay(request, frames(), lambda cut: _frames(live.cut(cut)))
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         check_backend(request.match_info.get("backend"))

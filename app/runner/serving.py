@@ -223,11 +223,23 @@ async def generate(
         engine.cancel(job)
 
 
-def _checked_generation(rt: Runtime, body: dict[str, Any], chat: bool) -> Generation:
+def _checked_generation(
+    rt: Runtime, body: dict[str, Any], chat: bool, tools: Tools | None = None
+) -> Generation:
+    """The request's parameters, its grammar compiled: the response format's, or, when a tool
+    call is required, the one that writes a call whatever the model."""
     params = parse_generation(body, rt.model.info.n_vocab, chat)
+    field, what = "response_format", "this schema"
+    schema = tools.forced_schema() if tools else None
+    if schema is not None:
+        grammar = schema_grammar(schema, "tools")
+        params = dataclasses.replace(
+            params, sampling=dataclasses.replace(params.sampling, grammar=grammar)
+        )
+        field, what = "tools", "these tools"
     grammar = params.sampling.grammar
     if grammar and not rt.model.grammar_compiles(grammar):
-        raise ParamError("llama.cpp cannot compile the grammar for this schema", "response_format")
+        raise ParamError(f"llama.cpp cannot compile the grammar for {what}", field)
     return params
 
 
@@ -240,16 +252,8 @@ def _completion_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, list
 
 
 def _chat_job(rt: Runtime, body: dict[str, Any]) -> tuple[Generation, Tools | None, bytes]:
-    params = _checked_generation(rt, body, chat=True)
     tools = parse_tools(body)
-    schema = tools.forced_schema() if tools else None
-    if schema is not None:  # a call is required: the grammar writes one, whatever the model
-        grammar = schema_grammar(schema, "tools")
-        if not rt.model.grammar_compiles(grammar):
-            raise ParamError("llama.cpp cannot compile the grammar for these tools", "tools")
-        params = dataclasses.replace(
-            params, sampling=dataclasses.replace(params.sampling, grammar=grammar)
-        )
+    params = _checked_generation(rt, body, chat=True, tools=tools)
     messages = prompt_messages(parse_messages(body), tools, rt.template_tools)
     native_tools = tools.raw if tools and rt.template_tools else None
     return params, tools, render_request(messages, native_tools)
