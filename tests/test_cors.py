@@ -80,6 +80,11 @@ GUARDED_SPELLINGS = [
     ("POST", "//engines/_configure"),
     ("GET", "//engines/ps"),
     ("GET", "//v1/models"),
+    ("POST", "//anthropic/v1/messages"),
+    ("POST", "/v1//messages/count_tokens"),
+    ("POST", "//v1/responses"),
+    ("GET", "/engines/v1//responses/resp_x"),
+    ("DELETE", "//responses/resp_x"),
     ("POST", "/no/such/route"),
 ]
 
