@@ -145,7 +145,9 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 # -- client commands ----------------------------------------------------------------------
 def _client() -> ServiceClient:
-    return ServiceClient(Settings.from_env().host)
+    settings = Settings.from_env()
+    # The first key, when the service's own are set here too (the same environment or file).
+    return ServiceClient(settings.host, api_key=next(iter(settings.api_keys), None))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

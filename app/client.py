@@ -39,9 +39,13 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class ServiceClient:
-    def __init__(self, host: str = DEFAULT_HOST, timeout: float | None = 300) -> None:
+    def __init__(
+        self, host: str = DEFAULT_HOST, timeout: float | None = 300, api_key: str | None = None
+    ) -> None:
         self.host = host
         self.timeout = timeout
+        # Sent with every request: a service with MODEL_RUNNER_API_KEY set asks for it.
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         url = urlsplit(host if "://" in host else f"http://{host}")
         self._unix = url.path if url.scheme == "unix" else None
         if url.scheme not in ("http", "unix"):
@@ -67,7 +71,7 @@ class ServiceClient:
                 method,
                 self._base + path,
                 body=body,
-                headers=headers or {},
+                headers={**self._auth, **(headers or {})},
                 encode_chunked=body is not None and not isinstance(body, bytes),
             )
             resp = conn.getresponse()
@@ -94,7 +98,9 @@ class ServiceClient:
         """A streamed response, line by line; an error status raises ClientError first."""
         conn = self._connection()
         try:
-            conn.request(method, self._base + path, body=body, headers=headers or {})
+            conn.request(
+                method, self._base + path, body=body, headers={**self._auth, **(headers or {})}
+            )
             # A pull may wait its turn behind others with nothing to say for a long while.
             conn.sock.settimeout(None)
             resp = conn.getresponse()

@@ -75,6 +75,11 @@ class Settings:
     # Client connections open at once; beyond it a new one is closed at once. None: 4096, or
     # what the open-files limit leaves room for.
     max_connections: int | None = None
+    # Keys a client must present (MODEL_RUNNER_API_KEY, MODEL_RUNNER_API_KEY_FILE); none: no
+    # check. Out of repr, so that a logged Settings never shows them.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # DMR's DISABLE_METRICS: no /metrics route.
+    disable_metrics: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,7 +108,9 @@ class Settings:
             shutdown_timeout=_seconds(env, "MODEL_RUNNER_SHUTDOWN_TIMEOUT", cls.shutdown_timeout),
             request_timeout=_seconds(env, "MODEL_RUNNER_REQUEST_TIMEOUT", cls.request_timeout),
             max_connections=_positive(env, "MODEL_RUNNER_MAX_CONNECTIONS", cls.max_connections),
+            api_keys=_api_keys(env),
             manifest=_manifest(env, "MODEL_RUNNER_MANIFEST"),
+            disable_metrics=_flag(env, "DISABLE_METRICS"),
             preload_models=tuple(
                 m.strip() for m in _get(env, "MODEL_RUNNER_MODELS").split(",") if m.strip()
             ),
@@ -150,6 +157,15 @@ def _whole(env: Mapping[str, str], name: str, default: int) -> int:
     if not raw.isdigit():
         raise SettingsError(f"{name}={raw!r}: expected a whole number (0 or more)")
     return int(raw)
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = _get(env, name).lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}={raw!r}: expected 1 or 0 (true or false)")
 
 
 def _gpu_layers(env: Mapping[str, str], name: str) -> int | None:
@@ -274,6 +290,35 @@ def _insecure(env: Mapping[str, str], name: str) -> tuple[str, ...]:
         if not _HOST.match(host):
             raise SettingsError(f"{name}: {host!r} is not a registry host[:port]")
     return hosts
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Keys from the variable (comma-separated) and the file (one a line, ``#`` comments).
+    Errors name the variable, never a key."""
+    keys: list[str] = []
+    name = "MODEL_RUNNER_API_KEY"
+    if raw := _get(env, name):
+        keys += _checked_keys(name, raw.split(","))
+    file_name = "MODEL_RUNNER_API_KEY_FILE"
+    if path := _get(env, file_name):
+        try:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = (exc.strerror or "unreadable") if isinstance(exc, OSError) else "not UTF-8"
+            raise SettingsError(f"{file_name}={path!r}: cannot read it ({reason})") from None
+        lines = [line for line in text.splitlines() if not line.strip().startswith("#")]
+        keys += _checked_keys(f"{file_name}={path!r}", lines)
+    return tuple(dict.fromkeys(keys))
+
+
+def _checked_keys(source: str, items: list[str]) -> list[str]:
+    keys = [item.strip() for item in items if item.strip()]
+    if not keys:
+        raise SettingsError(f"{source}: holds no key")
+    for key in keys:
+        if not all("!" <= c <= "~" for c in key):  # what an HTTP header can carry as one token
+            raise SettingsError(f"{source}: a key has spaces or characters other than ASCII")
+    return keys
 
 
 def _docker_config(env: Mapping[str, str], default: Path) -> Path:

@@ -66,7 +66,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited at start-up:\n{self.log()}")
             try:
-                if self.tcp.request("GET", "/").status == 200:
+                # The probe answers without an API key, when the service asks for one.
+                if self.tcp.request("GET", "/healthz").status == 200:
                     return
             except ClientError:
                 time.sleep(0.05)

@@ -68,7 +68,11 @@ def test_a_message(any_client: anthropic.Anthropic):
     )
     assert isinstance(reply, Message)
     assert reply.id.startswith("msg_") and len(reply.id) == len("msg_") + 24
-    assert (reply.type, reply.role, reply.model) == ("message", "assistant", "tiny")
+    assert (reply.type, reply.role, reply.model) == (
+        "message",
+        "assistant",
+        "docker.io/ai/tiny:latest",
+    )
     assert reply.stop_reason == "max_tokens" and reply.stop_sequence is None
     assert [b.type for b in reply.content] == ["text"] and text_of(reply)
     assert reply.usage.input_tokens > 0 and reply.usage.output_tokens == 8

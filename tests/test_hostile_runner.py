@@ -85,7 +85,9 @@ def wait_until(done: Callable[[], bool], what: str) -> None:
 
 
 def runner_pid(srv: Server, model: str) -> int:
-    ready = re.findall(rf"runner ready .* model={re.escape(model)} pid=(\d+)", srv.log())
+    """The pid of ``model``'s runner (a short name, which the log spells as its first tag)."""
+    name = re.escape(f"docker.io/ai/{model}:latest")
+    ready = re.findall(rf"runner ready .* model={name} pid=(\d+)", srv.log())
     assert ready, f"no runner for {model}"
     return int(ready[-1])
 

@@ -73,7 +73,11 @@ def chat(srv: Server, model: str, n: int = 3) -> int:
 
 
 def ps(srv: Server) -> dict[str, dict[str, Any]]:
-    return {row["model_name"]: row for row in call(srv, "GET", "/engines/ps")[1]}
+    """The runners by their models' short names (ps shows a model's one name, its first tag)."""
+    rows = call(srv, "GET", "/engines/ps")[1]
+    return {
+        row["model_name"].removeprefix("docker.io/ai/").removesuffix(":latest"): row for row in rows
+    }
 
 
 def alive(pid: int) -> bool:
@@ -199,7 +203,8 @@ def test_full_queue_answers_503_at_once(start: Callable[..., Server]):
     assert status == 503
     assert ps(srv)["a"].get("waiting") == 1  # refused at once, not after the queue moved
     text = body["error"]["message"]
-    assert "too many requests for a" in text and "MODEL_RUNNER_MAX_QUEUE=1" in text
+    assert "too many requests for docker.io/ai/a:latest" in text
+    assert "MODEL_RUNNER_MAX_QUEUE=1" in text
     assert int(headers["Retry-After"]) > 0
     assert finish_reason(running.rest()) == "length"
     assert finish_reason(queued.rest()) == "length"

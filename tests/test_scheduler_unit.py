@@ -25,6 +25,7 @@ from app.scheduler.launch import (
     RunnerKey,
     plan,
 )
+from app.scheduler.observer import SchedulerObserver
 from app.scheduler.process import describe_exit, last_words
 from app.scheduler.runner_config import RunnerConfig
 from app.scheduler.scheduler import Limits, Scheduler
@@ -79,6 +80,9 @@ class FakeProcess:
 
     def post(self, route: str, body: bytes) -> Any:
         raise AssertionError("the scheduler never talks to a runner's routes")
+
+    async def metrics(self, timeout: float) -> str | None:
+        raise AssertionError("the scheduler never asks a runner for its figures")
 
     def tail(self) -> str:
         return ""
@@ -148,6 +152,7 @@ def make(
     clock: Callable[[], float] = lambda: 0.0,
     gpus: tuple[Device, ...] = (),
     gpu_limit: str = "90%",
+    observer: SchedulerObserver | None = None,
     **defaults: Any,
 ) -> Scheduler:
     async def devices() -> tuple[Device, ...]:
@@ -161,6 +166,7 @@ def make(
         devices=devices,
         timer=timers,
         clock=clock,
+        observer=observer,
     )
 
 

@@ -184,3 +184,38 @@ def test_port_in_use_is_one_line(tmp_path: Path):
     assert result.returncode == 1
     assert "address already in use" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+def test_api_keys_from_the_variable_and_the_file(tmp_path: Path):
+    assert Settings.from_env({}).api_keys == ()
+    env = {"MODEL_RUNNER_API_KEY": " one, two ,,one"}
+    assert Settings.from_env(env).api_keys == ("one", "two")
+    keys = tmp_path / "keys"
+    keys.write_text("# for the CI\n\n  three  \n# four\nfive\n")
+    env["MODEL_RUNNER_API_KEY_FILE"] = str(keys)
+    settings = Settings.from_env(env)
+    assert settings.api_keys == ("one", "two", "three", "five")
+    assert "three" not in repr(settings)  # a logged Settings shows no key
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "file_text"),
+    [
+        ("MODEL_RUNNER_API_KEY", ", ,", None),
+        ("MODEL_RUNNER_API_KEY", "secret key", None),
+        ("MODEL_RUNNER_API_KEY_FILE", "keys", "# only a comment\n\n"),
+        ("MODEL_RUNNER_API_KEY_FILE", "keys", "secret\u00e9key\n"),
+        ("MODEL_RUNNER_API_KEY_FILE", "missing", None),
+        ("MODEL_RUNNER_API_KEY_FILE", ".", None),
+    ],
+)
+def test_unusable_api_keys_stop_start_up(
+    tmp_path: Path, var: str, value: str, file_text: str | None
+):
+    if var.endswith("_FILE"):
+        if file_text is not None:
+            (tmp_path / value).write_text(file_text)
+        value = str(tmp_path / value)
+    with pytest.raises(SettingsError, match=var) as caught:
+        Settings.from_env({var: value})
+    assert "secret" not in str(caught.value)  # the message names the variable, not the key

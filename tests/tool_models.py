@@ -31,10 +31,11 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 MAX_CALL = 300
 
 
-def serving(root: Path, models: dict[str, Path | None]) -> Iterator[Server]:
-    """A started service with the tiny model stored under each name, with that chat template
-    (None: the GGUF's own); stopped when the generator is closed (a fixture's teardown)."""
-    srv = new_server(root)
+def serving(root: Path, models: dict[str, Path | None], **env: str) -> Iterator[Server]:
+    """A started service (``env`` added to its environment) with the tiny model stored under
+    each name, with that chat template (None: the GGUF's own); stopped when the generator is
+    closed (a fixture's teardown)."""
+    srv = new_server(root, **env)
     srv.start()
     gguf = write_tiny_gguf(root / "tiny.gguf")
     for name, template in models.items():

@@ -3,26 +3,29 @@ the service's chat client, every error in Anthropic's shape.
 
 DMR forwards these requests to llama-server, which speaks the Messages API itself; here they are
 translated to chat completions, so that templates, tools and streaming are the runner's one
-implementation. ``x-api-key`` and ``anthropic-version`` are accepted and ignored.
+implementation. ``anthropic-version`` is accepted and ignored; ``x-api-key`` is checked
+only when MODEL_RUNNER_API_KEY is set (app/api/auth.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from app import errors
 from app.api import sse
-from app.api.middleware import Handler, answering_errors, status_of
+from app.api.middleware import Handler, answering_errors, failure
 from app.api.openai import INFERENCE
 from app.api.responses import json_response, read_json
 from app.logging import get_logger
 from app.protocols import anthropic as protocol
 from app.service.backend import check_backend
-from app.service.chat import ChatAnswer, ChatFailed, chat
+from app.service.chat import ChatAnswer, chat
 from app.service.inference import RunnerDied
+from app.service.recorder import ANTHROPIC_MESSAGES, request_origin
 
 log = get_logger("anthropic")
 
@@ -41,7 +44,7 @@ def routes() -> list[tuple[str, str, Handler]]:
 
 def _render(exc: Exception) -> web.Response:
     """Any error before the answer starts as Anthropic's error object, never DMR's text."""
-    status, message = _failure(exc)
+    status, message = failure(exc, protocol.InvalidRequest)
     headers: dict[str, str] = {}
     if retry := getattr(exc, "retry_after", None):
         headers["Retry-After"] = str(retry)
@@ -51,44 +54,23 @@ def _render(exc: Exception) -> web.Response:
 _anthropic_errors = answering_errors(_render)
 
 
-def _failure(exc: Exception) -> tuple[int, str]:
-    status, message = _status(exc), str(exc)
-    if status is None:
-        log.error("unhandled error", exc_info=exc)
-        return 500, "internal server error"
-    if status >= 500:
-        log.error("request failed", status=status, error=message)
-    return status, message
-
-
-def _status(exc: Exception) -> int | None:
-    if isinstance(exc, protocol.InvalidRequest):
-        return 400
-    if isinstance(exc, errors.TooLarge):
-        return 413
-    if isinstance(exc, ChatFailed):  # the runner's own refusal, its message as it said it
-        return exc.status
-    if isinstance(exc, RunnerDied):
-        return 500
-    return status_of(exc)
-
-
 async def _request(request: web.Request, counting: bool = False) -> protocol.MessagesRequest:
+    check_backend(request.match_info.get("backend"))  # first: a 404 below is then the model's
     body = await read_json(request, "the request body is not valid JSON")
-    return protocol.parse_request(body, counting)
+    asked = protocol.parse_request(body, counting)
+    try:
+        entry = await request.app[INFERENCE].resolve(asked.model)
+    except errors.NotFound:
+        raise errors.NotFound(f"model: {asked.model} not found") from None
+    # Answers name the model as /v1/models lists it, however the request spelled it.
+    return dataclasses.replace(asked, model=entry.name)
 
 
 @contextlib.asynccontextmanager
 async def _ask(request: web.Request, asked: protocol.MessagesRequest) -> AsyncIterator[ChatAnswer]:
+    request_origin.set(ANTHROPIC_MESSAGES)
     backend = request.match_info.get("backend")
-    check_backend(backend)  # first: a 404 from chat() below is then the model's
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            answer = await stack.enter_async_context(
-                chat(request.app[INFERENCE], asked.chat, backend)
-            )
-        except errors.NotFound:
-            raise errors.NotFound(f"model: {asked.model} not found") from None
+    async with chat(request.app[INFERENCE], asked.chat, backend) as answer:
         yield answer
 
 

@@ -59,7 +59,8 @@ def origin_checker(extra: Iterable[str], public: Collection[Handler]) -> web.mid
                     "Access-Control-Allow-Origin": origin,
                     "Access-Control-Allow-Credentials": "true",
                     "Access-Control-Allow-Methods": "GET, POST, DELETE",
-                    "Access-Control-Allow-Headers": "*",
+                    # "*" never covers Authorization: named, for API keys (app/api/auth.py).
+                    "Access-Control-Allow-Headers": "*, Authorization",
                     "Vary": "Origin",
                 },
             )

@@ -15,6 +15,8 @@ from app import errors
 from app.api.responses import is_streaming, plain_error
 from app.logging import get_logger
 from app.scheduler import errors as scheduler_errors
+from app.service.chat import ChatFailed
+from app.service.inference import RunnerDied
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = get_logger("http")
@@ -96,6 +98,30 @@ def status_of(exc: Exception) -> int | None:
     if isinstance(exc, errors.ServiceError | scheduler_errors.SchedulerError):
         return next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
     return None
+
+
+def failure(exc: Exception, invalid: type[Exception]) -> tuple[int, str]:
+    """The status and message of an error, for the APIs that answer in shapes of their own;
+    ``invalid`` is that API's own refusal of a request (400). Logged when it is ours (5xx)."""
+    status, message = _failure_status(exc, invalid), str(exc)
+    if status is None:
+        log.error("unhandled error", exc_info=exc)
+        return 500, "internal server error"
+    if status >= 500:
+        log.error("request failed", status=status, error=message)
+    return status, message
+
+
+def _failure_status(exc: Exception, invalid: type[Exception]) -> int | None:
+    if isinstance(exc, invalid):
+        return 400
+    if isinstance(exc, errors.TooLarge):
+        return 413
+    if isinstance(exc, ChatFailed):  # the runner's own refusal, its message as it said it
+        return exc.status
+    if isinstance(exc, RunnerDied):
+        return 500
+    return status_of(exc)
 
 
 def answering_errors(render: Callable[[Exception], web.Response]) -> Callable[[Handler], Handler]:

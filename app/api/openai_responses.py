@@ -8,6 +8,7 @@ templates, tool calling and streaming are the runner's one implementation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from app.api.responses import json_response, read_json
 from app.protocols.responses import Turn, item_page, parse_request
 from app.protocols.responses_stream import Event
 from app.service.backend import check_backend
+from app.service.recorder import OPENAI_RESPONSES, request_origin
 from app.service.responses import ResponsesService
 
 PREFIXES = (
@@ -58,9 +60,13 @@ class _ResponsesAPI:
     async def create(self, request: web.Request) -> web.StreamResponse:
         backend = request.match_info.get("backend")
         check_backend(backend)
+        request_origin.set(OPENAI_RESPONSES)
         doc = await read_json(request, "the request body is not valid JSON")
-        turn = self.service.begin(parse_request(doc))
+        asked = parse_request(doc)
         inference = request.app[INFERENCE]
+        # Answers name the model as /v1/models lists it, however the request spelled it.
+        asked = dataclasses.replace(asked, model=(await inference.resolve(asked.model)).name)
+        turn = self.service.begin(asked)
         if not turn.request.stream:
             return json_response(await self.service.answer(inference, turn, backend))
         return await self._stream(request, turn, backend)

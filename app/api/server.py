@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import prometheus_client
 from aiohttp import web
 
 from app import __version__
-from app.api import anthropic, control, models, openai, openai_responses
+from app.api import anthropic, control, models, ollama, openai, openai_responses, request_log
+from app.api.auth import key_checker, warn_if_open
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
+from app.api.metrics import METRICS, counting, scrape
 from app.api.middleware import access_log, add_request_id, answering_errors, error_answers
 from app.api.openai_errors import openai_error_answer
 from app.api.responses import REQUEST_TIMEOUT, json_response
@@ -31,8 +34,11 @@ from app.service.backend import BackendProbe
 from app.service.control import ControlService
 from app.service.distribution import DistributionService
 from app.service.inference import InferenceService
+from app.service.metrics import Metrics
 from app.service.models import ModelService
+from app.service.ollama import OllamaService
 from app.service.preload import Preloader
+from app.service.recorder import Recorder
 from app.settings import Settings
 from app.store import ModelStore
 
@@ -56,9 +62,11 @@ async def version(request: web.Request) -> web.Response:
 
 # Read-only answers any web page may fetch (DMR leaves "/" and "/version" unguarded too).
 PUBLIC = (root, version, control.healthz, control.readyz)
+# What answers without an API key: orchestrators probe with none.
+HEALTH_PROBES = (control.healthz, control.readyz)
 
 
-def _routes() -> list[tuple[str, str, Handler]]:
+def _routes(with_metrics: bool) -> list[tuple[str, str, Handler]]:
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/", root),
         ("*", "/version", version),
@@ -71,6 +79,7 @@ def _routes() -> list[tuple[str, str, Handler]]:
         ("POST", "/engines/_configure", control.configure),
         ("POST", "/engines/{backend}/_configure", control.configure),
         ("GET", "/engines/_configure", control.configs),
+        ("GET", "/engines/requests", request_log.requests),
         ("GET", "/models", models.list_models),
         ("POST", "/models/create", models.create_model),
         ("POST", "/models/load", models.load_model),
@@ -88,6 +97,9 @@ def _routes() -> list[tuple[str, str, Handler]]:
             routes.append(("POST", f"{prefix}/{route}", in_openai_shape(openai.handler(route))))
     routes.extend(anthropic.routes())
     routes.extend(openai_responses.routes())
+    routes.extend(ollama.routes())
+    if with_metrics:  # DISABLE_METRICS leaves it out
+        routes.append(("GET", "/metrics", scrape))
     return routes
 
 
@@ -106,18 +118,24 @@ def create_app(
     settings: Settings, entries: list[ModelEntry] | None = None, store: ModelStore | None = None
 ) -> web.Application:
     in_flight = InFlight()
+    metrics = Metrics()
     app = web.Application(
         router=_CleanPathRouter(),
         middlewares=[
             in_flight.track,
             access_log,
-            origin_checker(settings.origins, PUBLIC),
+            counting(metrics),
+            origin_checker(settings.origins, PUBLIC),  # before keys: preflights carry none
+            key_checker(settings.api_keys, HEALTH_PROBES, DESKTOP_PREFIX),
             error_answers,
+            request_log.call_info,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[IN_FLIGHT] = in_flight
+    app[METRICS] = metrics
     app[REQUEST_TIMEOUT] = settings.request_timeout
+    recorder = app[request_log.RECORDER] = Recorder()
     app.on_response_prepare.append(add_allow_origin)
     app.on_response_prepare.append(add_request_id)
     store = store or ModelStore(settings.models_path, settings.default_registry)
@@ -125,7 +143,7 @@ def create_app(
 
     async def registry_session(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
-            app[models.DISTRIBUTION] = DistributionService(store, settings, session)
+            app[models.DISTRIBUTION] = DistributionService(store, settings, session, metrics.pulls)
             yield
 
     app.cleanup_ctx.append(registry_session)
@@ -133,9 +151,17 @@ def create_app(
     async def inference_stack(app: web.Application) -> AsyncIterator[None]:
         launcher = RunnerLauncher()
         probe = app[control.BACKEND] = BackendProbe(settings.gpu_layers)
-        scheduler = Scheduler(_defaults(settings), _limits(settings), launcher, devices=probe.gpus)
-        inference = app[openai.INFERENCE] = InferenceService(store, scheduler)
+        scheduler = Scheduler(
+            _defaults(settings),
+            _limits(settings),
+            launcher,
+            devices=probe.gpus,
+            on_stop=lambda key: recorder.forget(key.model_id),  # DMR drops them with the runner
+            observer=metrics.scheduler,
+        )
+        inference = app[openai.INFERENCE] = InferenceService(store, scheduler, recorder)
         control_service = app[control.CONTROL] = ControlService(store, inference)
+        app[ollama.OLLAMA] = OllamaService(store, app[models.SERVICE], control_service)
         preloader = app[control.PRELOADER] = Preloader(
             entries or [], store, app[models.DISTRIBUTION], inference
         )
@@ -149,7 +175,7 @@ def create_app(
         launcher.close()
 
     app.cleanup_ctx.append(inference_stack)
-    for method, path, handler in _routes():
+    for method, path, handler in _routes(not settings.disable_metrics):
         for prefixed in (path, DESKTOP_PREFIX + path):
             if method == "GET":
                 app.router.add_get(prefixed, handler)  # GET routes answer HEAD too, as Go's mux
@@ -214,6 +240,9 @@ def _cap_connections(web_runner: web.AppRunner, cap: int) -> None:
 
 async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> None:
     """Run until SIGTERM or SIGINT, on TCP and, when configured, on a Unix socket."""
+    # A ``_created`` series beside each counter and histogram, which Go's clients (DMR's) never
+    # write in this format, would double /metrics for nothing Prometheus reads.
+    prometheus_client.disable_created_metrics()
     app = create_app(settings, entries)
     # On SIGTERM the listeners close at once; requests in flight (streams included) get
     # shutdown_timeout to finish, then are cut (app/api/inflight.py); aiohttp's own wait then
@@ -230,6 +259,7 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
         handler_cancellation=True,
         keepalive_timeout=settings.request_timeout,
     )
+    warn_if_open(settings.addr, settings.api_keys)
     open_files = _raise_open_files_limit()
     await web_runner.setup()
     # Half the descriptors for clients (each request to a runner holds a second one).
@@ -268,6 +298,7 @@ async def serve(settings: Settings, entries: list[ModelEntry] | None = None) -> 
         log.info("shutting down", drain_timeout_s=settings.shutdown_timeout)
         for site in list(web_runner.sites):
             await site.stop()  # no new connections from here on
+        app[request_log.RECORDER].close()  # its followers' streams never end by themselves
         await app[IN_FLIGHT].drain(settings.shutdown_timeout)
     finally:
         await web_runner.cleanup()

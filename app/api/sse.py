@@ -1,6 +1,7 @@
-"""Named-event streams (``event: NAME`` / ``data: JSON``) for the APIs that translate chat
-completions into their own events (Anthropic Messages, OpenAI Responses): one way to frame them,
-end them when the service shuts down, and let a client leave without a traceback."""
+"""Streams for the APIs that translate chat completions into their own events: named SSE
+events (``event: NAME`` / ``data: JSON``: Anthropic Messages, OpenAI Responses) or JSON lines
+(Ollama). One way to frame events, end a stream when the service shuts down, and let a client
+leave without a traceback."""
 
 from __future__ import annotations
 
@@ -26,13 +27,19 @@ def event(name: str, data: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+EVENT_STREAM = "text/event-stream; charset=utf-8"
+
+
 async def relay(
-    request: web.Request, frames: AsyncIterator[bytes], cut: Callable[[str], bytes]
+    request: web.Request,
+    frames: AsyncIterator[bytes],
+    cut: Callable[[str], bytes],
+    content_type: str = EVENT_STREAM,
 ) -> web.StreamResponse:
-    """Send ``frames`` as an event stream. Shutdown ends it with ``cut(SHUTDOWN)``; a client
-    that leaves ends it quietly (leaving the caller's block stops the runner's work)."""
+    """Send ``frames`` as a stream. Shutdown ends it with ``cut(SHUTDOWN)``; a client that
+    leaves ends it quietly (leaving the caller's block stops the runner's work)."""
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        headers={"Content-Type": content_type, "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
     mark_streaming(request)

@@ -98,11 +98,16 @@ class _Download:
 
 class Puller:
     def __init__(
-        self, store: ModelStore, settings: Settings, session: aiohttp.ClientSession
+        self,
+        store: ModelStore,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        downloaded: Callable[[int], None],
     ) -> None:
         self.store = store
         self.settings = settings
         self.session = session
+        self._downloaded = downloaded  # told of every chunk received from a registry, in bytes
         self._downloads: dict[str, _Download] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PULLS)
@@ -319,12 +324,17 @@ class Puller:
             if resp.status != 206 and partial.size:
                 await asyncio.to_thread(partial.restart)  # the registry ignored Range
             download.report(partial.size)
-            await _pipe(resp, partial, download)
+            await _pipe(resp, partial, download, self._downloaded)
         if partial.size < download.descriptor.size:
             raise aiohttp.ClientPayloadError("the registry closed the blob stream early")
 
 
-async def _pipe(resp: aiohttp.ClientResponse, partial: PartialBlob, download: _Download) -> None:
+async def _pipe(
+    resp: aiohttp.ClientResponse,
+    partial: PartialBlob,
+    download: _Download,
+    downloaded: Callable[[int], None],
+) -> None:
     """Copy the body into the partial blob. Network reads overlap hashing and writing, which
     run in order on one thread of this download's own; a few batches may be in flight."""
     loop = asyncio.get_running_loop()
@@ -341,6 +351,7 @@ async def _pipe(resp: aiohttp.ClientResponse, partial: PartialBlob, download: _D
         try:
             async for chunk in resp.content.iter_any():
                 received += len(chunk)
+                downloaded(len(chunk))
                 if received > expected:
                     raise PullError(
                         f"blob {download.descriptor.digest} is larger than its manifest says "

@@ -49,6 +49,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    first_token_at: float  # time.perf_counter() when its first token (or its end) was sampled
     stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
@@ -91,6 +92,7 @@ class _Slot:
     next_token: int | None = None
     generated: int = 0
     reused: int = 0
+    first_token_at: float = 0.0
     detok: Detokenizer = field(default_factory=Detokenizer)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
 
@@ -147,6 +149,11 @@ class Engine:
     def cancel(self, request: Request) -> None:
         request.cancelled = True
         self._queue.put(None)  # wake the loop if it is idle
+
+    def occupancy(self) -> tuple[int, int]:
+        """Slots running a request, and requests waiting for one. Read from another thread for
+        a gauge: it may be a step old, never torn (each figure is one read under the GIL)."""
+        return sum(s.request is not None for s in self.slots), len(self._waiting)
 
     def close(self) -> None:
         self._stopping = True
@@ -233,6 +240,7 @@ class Engine:
             slot.pending = request.prompt[reuse:]
             slot.reused = reuse
             slot.generated = 0
+            slot.first_token_at = 0.0
             slot.next_token = None
             slot.detok = Detokenizer()
             slot.stops = StopMatcher(request.stop)
@@ -333,6 +341,8 @@ class Engine:
         """The slot's next ``token``, chosen from the logits at batch ``index``."""
         request = slot.request
         assert request is not None
+        if not slot.first_token_at:
+            slot.first_token_at = time.perf_counter()
         if self.model.is_eog(token):
             self._emit_rest(slot)
             self._finish(slot, self._done(slot, "stop"))
@@ -383,6 +393,7 @@ class Engine:
             prompt_tokens=len(slot.request.prompt),
             completion_tokens=slot.generated,
             cached_tokens=slot.reused,
+            first_token_at=slot.first_token_at,
             stop_sequence=slot.stops.matched,
         )
 

@@ -48,6 +48,8 @@ def main() -> int:
         lifeline.watch()
 
     # Imported here so that argument errors come back fast, before llama.cpp loads.
+    import prometheus_client
+
     from app.engine.embed import Embedder
     from app.engine.engine import Engine
     from app.engine.llama import LlamaError, Model
@@ -75,9 +77,11 @@ def main() -> int:
             runtime.renderer = Renderer(template.source, bos, eos)
             runtime.template_tools = template_knows_tools(template.source)
             runtime.engine = Engine(model, ctx, args.parallel, args.threads)
+            runtime.metrics.watch_engine(runtime.engine)
     except (LlamaError, TemplateError, OSError) as exc:
         print(f"failed to load model: {exc}", file=sys.stderr)
         return 1
+    prometheus_client.disable_created_metrics()  # as the front does (app/api/server.py)
     asyncio.run(_serve(create_app(runtime), args.socket, runtime))
     return 0
 

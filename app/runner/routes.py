@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from app.json_body import InvalidJSON, parse_object
 from app.runner import serving
@@ -47,6 +48,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -116,6 +122,7 @@ def create_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=10 * 1024 * 1024)
     app[RUNTIME] = runtime
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 from app.engine.embed import Embedder
 from app.engine.engine import Engine, Event, Failed, Finished, Request, Token, TokenLogprob
 from app.engine.llama import LlamaError, Model, TooManyTokens
+from app.runner.metrics import CHAT, COMPLETION, RunnerMetrics, Watch
 from app.runner.params import (
     Generation,
     ParamError,
@@ -44,6 +46,7 @@ class Runtime:
     renderer: Renderer | None = None  # completion mode only
     template_tools: bool = False  # the chat template renders tools itself
     mailbox: Mailbox | None = None  # made on the event loop by the first request
+    metrics: RunnerMetrics = dataclasses.field(default_factory=RunnerMetrics)
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -178,6 +181,7 @@ async def generate(
     rt: Runtime, engine: Engine, body: dict[str, Any], chat: bool
 ) -> AsyncIterator[InFlight]:
     """Check the request, submit it, and cancel the job when the caller is done with it."""
+    watch = Watch(CHAT if chat else COMPLETION)
     # Parsing (a JSON schema's grammar included), rendering, tokenizing and compiling the grammar
     # all run off the event loop: on it, one large or hostile request stalls every stream. In as
     # few hops as they allow: each costs a request's time to first token a thread wake-up.
@@ -201,10 +205,13 @@ async def generate(
     held: list[Token] = []
 
     def sink(event: Event) -> None:  # on the engine thread
-        if isinstance(event, Token) and not params.stream:
-            held.append(event)
+        if isinstance(event, Token):
+            if not params.stream:
+                held.append(event)
+                return
         else:
-            mailbox.post(queue, event)
+            watch.saw_end(event)
+        mailbox.post(queue, event)
 
     job = Request(
         prompt=tokens,
@@ -221,6 +228,7 @@ async def generate(
     finally:
         # Client gone or done: either way the slot is free for the next request at once.
         engine.cancel(job)
+        rt.metrics.generation_over(watch)
 
 
 def _checked_generation(
@@ -289,6 +297,7 @@ class Embeddings:
 
 
 async def embed(rt: Runtime, embedder: Embedder, body: dict[str, Any]) -> Embeddings:
+    started = time.perf_counter()
     inputs = await asyncio.to_thread(parse_inputs, body, rt.model.info.n_vocab)
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
@@ -308,6 +317,7 @@ async def embed(rt: Runtime, embedder: Embedder, body: dict[str, Any]) -> Embedd
             vectors.append(await asyncio.to_thread(embedder.embed, tokens))
         except LlamaError as exc:
             raise ParamError(str(exc), "input") from None
+    rt.metrics.embedded(used, time.perf_counter() - started)
     return Embeddings(vectors, encoding, used)
 
 

@@ -60,6 +60,10 @@ class RunnerProcess(Protocol):
     ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """Send a request to one of its OpenAI routes; aiohttp's errors when it dies."""
 
+    async def metrics(self, timeout: float) -> str | None:
+        """Its own figures in Prometheus text; None when it does not answer within ``timeout``
+        seconds (stopping, stopped, stuck)."""
+
     def tail(self) -> str:
         """Its last lines of output: why it died, when it did."""
 
@@ -164,6 +168,17 @@ class LlamaRunnerProcess:
         ) as upstream:
             yield upstream
 
+    async def metrics(self, timeout: float) -> str | None:
+        if self._stopped:  # its session is closed
+            return None
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with self._session.get(
+                "http://runner/metrics", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                if resp.status == 200:
+                    return await resp.text()
+        return None
+
     async def wait_exit(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._proc.wait(), timeout)
@@ -236,8 +251,14 @@ def last_words(tail: str) -> str:
     return f": {lines[fatal]}" + (f" ({frame})" if frame else "")
 
 
+# A runner has no use for the API keys: kept out of its environment (and so out of any dump
+# or /proc read of it).
+_SECRETS = ("MODEL_RUNNER_API_KEY", "MODEL_RUNNER_API_KEY_FILE")
+
+
 def runner_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in _SECRETS}
+    env["PYTHONUNBUFFERED"] = "1"
     # llama.cpp's OpenMP threads spin ~300k times at each barrier before sleeping. With two
     # busy runners on the same cores the spinners starve each other: measured on 2 cores,
     # gemma beside a tiny model took 9.7-18 s for 200 tokens instead of 6.0 s with 1000 spins,

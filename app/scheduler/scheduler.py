@@ -35,6 +35,7 @@ from app.scheduler.launch import (
     default_slots,
     plan,
 )
+from app.scheduler.observer import FOR_MEMORY, KEEP_ALIVE, SchedulerObserver, Unobserved
 from app.scheduler.process import RunnerProcess, describe_exit
 from app.scheduler.resident import Plan, Resident
 from app.scheduler.runner_config import RunnerConfig
@@ -93,6 +94,8 @@ class Scheduler:
         configs: ModelConfigs | None = None,
         timer: Timer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_stop: Callable[[RunnerKey], None] | None = None,
+        observer: SchedulerObserver | None = None,
     ) -> None:
         self.defaults = defaults
         self.limits = limits
@@ -102,6 +105,8 @@ class Scheduler:
         self._devices = devices
         self._gpus: tuple[Device, ...] = ()  # as last found
         self._timer = timer
+        self._observer = observer or Unobserved()
+        self._on_stop = on_stop  # told of each runner stopped (evicted, idle, died, unloaded)
         self._failed_loads = LoadFailures(clock)
         self._residents: dict[RunnerKey, Resident] = {}
         self._loading: dict[RunnerKey, _Loading] = {}
@@ -189,6 +194,7 @@ class Scheduler:
         error = task.exception()
         if isinstance(error, LoadFailed):
             self._failed_loads.record(key, error)
+            self._observer.load_failed(key)
         if error is None:
             self._failed_loads.forget_runner(key)
             resident = task.result()
@@ -244,6 +250,7 @@ class Scheduler:
             if self._wanted[resident.key]:
                 return
             log.info("runner idle past its keep_alive; stopping it", model=resident.name)
+            self._observer.evicted(resident.key, KEEP_ALIVE)
             await self._stop(resident)
 
     # -- planning and admission ----------------------------------------------------------
@@ -304,6 +311,7 @@ class Scheduler:
                     continue  # requests came for it meanwhile: it stays
             else:
                 log.info("stopping idle runner for room", model=victim.name, for_model=plan_.name)
+            self._observer.evicted(victim.key, FOR_MEMORY)
             await self._stop(victim)
 
     async def _drain(self, victim: Resident, plan_: Plan) -> bool:
@@ -338,12 +346,14 @@ class Scheduler:
         except BaseException:
             await process.stop(SHUTDOWN_STOP_TIMEOUT_S if self._closing else STOP_TIMEOUT_S)
             raise
+        seconds = time.monotonic() - started
+        self._observer.loaded(plan_.spec.key, seconds)
         log.info(
             "runner ready",
             model=plan_.name,
             mode=plan_.spec.key.mode,
             pid=process.pid,
-            seconds=round(time.monotonic() - started, 2),
+            seconds=round(seconds, 2),
             memory_estimate_mib=round(plan_.estimate.total / MIB),
         )
         return Resident(plan_, process)
@@ -355,6 +365,10 @@ class Scheduler:
             RunnerView.of(lo.plan.spec, lo.plan.estimate, True) for lo in self._loading.values()
         ]
         return loading + [r.view() for r in self._residents.values()]
+
+    def live(self) -> list[tuple[RunnerView, RunnerProcess]]:
+        """Loaded runners still running, with their processes: to ask them for their figures."""
+        return [(r.view(), r.process) for r in self._residents.values() if r.process.alive]
 
     def _detach(self, resident: Resident) -> None:
         """No request can get this runner from now on (it is about to stop)."""
@@ -372,6 +386,8 @@ class Scheduler:
             self._stopping.discard(resident)
             resident.stopped.set()
         log.info("runner stopped", model=resident.name, mode=resident.key.mode)
+        if self._on_stop is not None:
+            self._on_stop(resident.key)
 
     async def unload(self, model_ids: set[str] | None) -> int:
         """Stop idle runners of these models (all when None); busy ones are left alone."""

@@ -38,12 +38,16 @@ class ChatAnswer:
 
 @contextlib.asynccontextmanager
 async def chat(
-    inference: InferenceService, request: dict[str, Any], backend: str | None
+    inference: InferenceService,
+    request: dict[str, Any],
+    backend: str | None,
+    route: str = "chat/completions",
 ) -> AsyncIterator[ChatAnswer]:
-    """Ask the model ``request["model"]`` for a chat completion. Raises ChatFailed for an
-    answer other than 200, and the inference service's errors (unknown model, full queue)."""
+    """Ask the model ``request["model"]`` for a chat completion (or, on ``route``, a
+    completion or embeddings). Raises ChatFailed for an answer other than 200, and the
+    inference service's errors (unknown model, full queue)."""
     body = json.dumps(request).encode()
-    async with inference.serve("chat/completions", body, request, backend) as reply:
+    async with inference.serve(route, body, request, backend) as reply:
         assert reply is not None  # not a preload
         if reply.status != 200:
             raw = b"".join([chunk async for chunk in reply.chunks])

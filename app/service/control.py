@@ -88,7 +88,7 @@ class ControlService:
         try:
             entry = await self.inference.resolve(model)
             async with asyncio.timeout(PRELOAD_TIMEOUT_S):
-                await self.inference.load(entry, mode, model)
+                await self.inference.load(entry, mode)
         except (errors.ServiceError, SchedulerError, TimeoutError) as exc:
             log.warning("preload after _configure failed", model=model, error=str(exc) or "timeout")
         except Exception:  # a background task: nobody else would see it
@@ -111,7 +111,7 @@ class ControlService:
             rows.append(
                 {
                     "Backend": BACKEND,
-                    "Model": entry.tags[0] if entry and entry.tags else key.model_id,
+                    "Model": entry.name if entry else key.model_id,
                     "ModelID": key.model_id,
                     "Mode": key.mode,
                     "Config": config.to_json(),

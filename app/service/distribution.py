@@ -15,6 +15,7 @@ from app.distribution import progress, pull, push, registry
 from app.oci import reference
 from app.oci.blobs import BlobSource, file_source
 from app.oci.manifest import InvalidManifest, UnsupportedConfig, parse_manifest
+from app.service.metrics import PullMetrics
 from app.settings import Settings
 from app.store import ModelNotFound, ModelStore, StoreError, space
 from app.store.bundle import BundleError
@@ -64,19 +65,25 @@ class PushJob:
 
 class DistributionService:
     def __init__(
-        self, store: ModelStore, settings: Settings, session: aiohttp.ClientSession
+        self,
+        store: ModelStore,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        metrics: PullMetrics,
     ) -> None:
         self.store = store
         self.settings = settings
         self.session = session
-        self.puller = pull.Puller(store, settings, session)
+        self.metrics = metrics
+        self.puller = pull.Puller(store, settings, session, metrics.downloaded)
 
     async def prepare_pull(self, ref: str, bearer_token: str | None) -> pull.PullPlan:
         with _mapped("pulling"):
             return await self.puller.plan(ref, bearer_token)
 
     def pull(self, plan: pull.PullPlan) -> AsyncIterator[progress.Message]:
-        return _mapped_stream(self.puller.run(plan), "pulling")
+        lines = _mapped_stream(self.puller.run(plan), "pulling")
+        return self.metrics.timed(lines, cached=plan.cached is not None)
 
     async def prepare_push(self, ref: str, bearer_token: str | None) -> PushJob:
         """Push a stored model under the name it is asked for by."""

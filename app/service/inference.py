@@ -18,6 +18,8 @@ from app.scheduler.launch import COMPLETION, EMBEDDING, ModelFiles, RunnerKey
 from app.scheduler.process import RunnerProcess, describe_exit, last_words
 from app.scheduler.scheduler import Scheduler
 from app.service.backend import check_backend
+from app.service.metrics import noted
+from app.service.recorder import Recorder
 from app.store import IndexEntry, ModelNotFound, ModelStore
 
 log = get_logger("inference")
@@ -57,13 +59,16 @@ class Reply:
 
 
 class InferenceService:
-    def __init__(self, store: ModelStore, scheduler: Scheduler) -> None:
+    def __init__(
+        self, store: ModelStore, scheduler: Scheduler, recorder: Recorder | None = None
+    ) -> None:
         self.store = store
         self.scheduler = scheduler
+        self.recorder = recorder if recorder is not None else Recorder()
 
     async def resolve(self, model: str) -> IndexEntry:
         try:
-            return await asyncio.to_thread(self.store.resolve, model)
+            return noted(await asyncio.to_thread(self.store.resolve, model))
         except reference.InvalidReference:
             raise errors.BadRequest(f"Invalid model reference: {model!r}") from None
         except ModelNotFound:
@@ -82,10 +87,14 @@ class InferenceService:
         mode = ROUTES[route]
         for retry in (True, False):
             async with contextlib.AsyncExitStack() as stack:
-                process = await stack.enter_async_context(self._lease(entry, mode, name))
+                process = await stack.enter_async_context(self._lease(entry, mode))
                 if preload_only:
                     yield None
                     return
+                config = self.scheduler.configs.effective(RunnerKey(entry.id, mode)).to_json()
+                recording = stack.enter_context(
+                    self.recorder.recording(entry.id, name, route, body, doc, config)
+                )
                 try:
                     upstream = await stack.enter_async_context(process.post(route, body))
                 except _RUNNER_GONE as exc:
@@ -93,21 +102,28 @@ class InferenceService:
                     if retry and not process.alive:
                         # It crashed before this request reached it (another request killed
                         # it): a fresh runner can still serve this one.
+                        recording.discard()
                         continue
                     raise RunnerDied(_failure(exc, process), started=False) from None
                 headers = {h: upstream.headers[h] for h in _PASSED_HEADERS if h in upstream.headers}
-                yield Reply(upstream.status, headers, _chunks(upstream, process))
+                reply = Reply(upstream.status, headers, _chunks(upstream, process))
+                reply.chunks = recording.watch(reply.status, reply.is_event_stream, reply.chunks)
+                yield reply
                 return
 
-    async def load(self, entry: IndexEntry, mode: str, name: str) -> None:
+    async def load(self, entry: IndexEntry, mode: str) -> None:
         """Have the model's runner loaded (preload, ``_configure``), asking it nothing."""
-        async with self._lease(entry, mode, name):
+        async with self._lease(entry, mode):
             pass
 
     def _lease(
-        self, entry: IndexEntry, mode: str, name: str
+        self, entry: IndexEntry, mode: str
     ) -> contextlib.AbstractAsyncContextManager[RunnerProcess]:
-        return self.scheduler.lease(RunnerKey(entry.id, mode), name, lambda: self._files(entry))
+        # The runner answers with the model's one name (its /v1/models id), however the
+        # request spelled it.
+        return self.scheduler.lease(
+            RunnerKey(entry.id, mode), entry.name, lambda: self._files(entry)
+        )
 
     def _files(self, entry: IndexEntry) -> ModelFiles:
         bundle = self.store.bundle(entry)

@@ -113,7 +113,7 @@ class Preloader:
         if entry.preload:
             state.state, state.message = "loading", None
             log.info("preloading model", model=entry.model, mode=entry.mode)
-            await self.inference.load(stored, entry.mode, entry.model)
+            await self.inference.load(stored, entry.mode)
             state.loaded = True
         state.state, state.message = "ready", None
 

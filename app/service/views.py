@@ -30,7 +30,7 @@ def openai_json(entry: IndexEntry, config_doc: dict[str, Any]) -> dict[str, Any]
         "size": config.get("size"),
     }
     return {
-        "id": entry.tags[0] if entry.tags else entry.id,
+        "id": entry.name,
         "object": "model",
         "created": created_seconds(config_doc),
         "owned_by": "docker",

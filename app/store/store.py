@@ -65,6 +65,11 @@ class IndexEntry:
     def hex(self) -> str:
         return self.id.removeprefix("sha256:")
 
+    @property
+    def name(self) -> str:
+        """The one spelling the API shows: its first tag (DMR's ``/v1/models`` id), else its ID."""
+        return self.tags[0] if self.tags else self.id
+
     def has_tag(self, canonical: str) -> bool:
         return self.stored_tag(canonical) is not None
 

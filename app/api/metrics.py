@@ -1,0 +1,48 @@
+"""``GET /metrics`` (spec 6.3) and the middleware that counts every request for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from app.api import openai
+from app.api.middleware import Handler
+from app.service.metrics import UNMATCHED, Metrics, request_scope
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def counting(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
+    """Count each request by the pattern of the route that took it (never the raw path, whose
+    values are endless), its method, the model it resolved and the status it got."""
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 500
+        with request_scope() as seen:
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client left, as the access log says
+                raise
+            finally:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else UNMATCHED
+                # An unmatched request's method is whatever the client sent: not a label.
+                method = request.method if resource is not None else ""
+                metrics.request_done(route, method, seen.name, status)
+
+    return count
+
+
+async def scrape(request: web.Request) -> web.Response:
+    scheduler = request.app[openai.INFERENCE].scheduler
+    body = await request.app[METRICS].exposition(scheduler)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
