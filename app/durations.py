@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -14,6 +15,14 @@ _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 class DurationError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """A request's own keep_alive (Ollama's): how long its runner stays once idle after it,
+    in seconds (None: for ever). It lasts until the next request ends; nothing stores it."""
+
+    seconds: float | None
 
 
 def parse_keep_alive(value: object) -> float | None:

@@ -243,7 +243,16 @@ def test_embed_matches_the_openai_route(client: ollama.Client, llm: Server):
 
 
 # -- runners ---------------------------------------------------------------------------------
-def test_no_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client):
+def pids(llm: Server) -> list[int]:
+    return [row["pid"] for row in json.loads(llm.tcp.request("GET", "/engines/ps").body)]
+
+
+def expires_in(client: ollama.Client) -> float:
+    (row,) = client.ps().models
+    return row.expires_at.timestamp() - time.time()
+
+
+def test_no_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client, llm: Server):
     for model in ("tiny", "qwen"):  # whatever earlier tests left
         client.generate(model=model, keep_alive=0)
     assert client.ps().models == []
@@ -252,8 +261,7 @@ def test_no_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client):
     (row,) = client.ps().models
     assert row.model == "docker.io/ai/tiny:latest" and row.size > 0 and row.size_vram == 0
     assert row.context_length > 0 and row.details.family == "llama"
-    left = row.expires_at.timestamp() - time.time()
-    assert 8 * 60 < left <= 10 * 60  # keep_alive counted from the last use
+    assert 8 * 60 < expires_in(client) <= 10 * 60  # keep_alive counted from the last use
     forever = client.chat(model="tiny", messages=[], keep_alive=-1)
     assert forever.done_reason == "load"
     (row,) = client.ps().models
@@ -261,6 +269,22 @@ def test_no_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client):
     unloaded = client.chat(model="tiny", messages=[], keep_alive=0)
     assert unloaded.done_reason == "unload"
     assert client.ps().models == []
+
+
+def test_keep_alive_holds_for_its_request_only(client: ollama.Client, llm: Server):
+    client.chat(model="tiny", messages=SAY, options=GREEDY)
+    runner = pids(llm)
+    assert 4 * 60 < expires_in(client) <= 5 * 60  # the default, MODEL_RUNNER_KEEP_ALIVE
+    client.chat(model="tiny", messages=SAY, options=GREEDY, keep_alive="1h")
+    assert 59 * 60 < expires_in(client) <= 60 * 60
+    client.chat(model="tiny", messages=SAY, options=GREEDY)  # none: the model's own again
+    assert 4 * 60 < expires_in(client) <= 5 * 60
+    client.chat(model="tiny", messages=SAY, options=GREEDY, keep_alive="100000000h")
+    (row,) = client.ps().models  # beyond any calendar: never, not an error
+    assert row.expires_at.year == 1
+    assert pids(llm) == runner  # none of it restarted the runner
+    client.generate(model="tiny", prompt="x", options=GREEDY, keep_alive=0)
+    assert client.ps().models == []  # gone as soon as its request ended
 
 
 def test_copy_and_delete(client: ollama.Client):
@@ -361,3 +385,45 @@ def test_an_earlier_tool_call_and_its_result_become_openais():
         "name": "get_weather",
         "tool_call_id": call["id"],
     }
+
+
+def test_tool_results_answer_the_oldest_open_call_of_their_tool():
+    call = {"function": {"name": "w", "arguments": {}}}
+    asked = protocol.parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "Weather in Paris and London, then the time?"},
+                {"role": "assistant", "tool_calls": [call, call]},
+                {"role": "tool", "tool_name": "w", "content": "Paris: sunny"},
+                {"role": "tool", "tool_name": "w", "content": "London: rain"},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "t"}}]},
+                {"role": "tool", "tool_name": "t", "content": "noon"},
+            ],
+        }
+    )
+    assert asked.body is not None
+    turns = asked.body["messages"]
+    made = [c["id"] for turn in turns for c in turn.get("tool_calls", [])]
+    assert len(set(made)) == 3
+    answered = [turn["tool_call_id"] for turn in turns if turn["role"] == "tool"]
+    assert answered == made
+
+
+def test_odd_field_types_are_400_not_500():
+    for message in (
+        {"role": "tool", "content": "x", "tool_name": {"a": 1}},
+        {"role": "tool", "content": "x", "tool_call_id": ["x"]},
+        {"role": "assistant", "tool_calls": [{"id": {"x": 1}, "function": {"name": "w"}}]},
+        {"role": "user", "content": ["x"]},
+    ):
+        with pytest.raises(protocol.InvalidRequest):
+            protocol.parse_chat({"model": "m", "messages": [message]})
+    # null is "not set", as Ollama (Go) reads it.
+    assert protocol.parse_chat({"model": "m", "messages": SAY, "stream": None}).stream
+
+
+def test_model_info_keeps_what_json_cannot_hold_as_text():
+    info = protocol.model_info({"a": "12", "b": "1.5e3", "c": "nan", "d": "inf", "e": "1_0"})
+    assert info == {"a": 12, "b": 1500.0, "c": "nan", "d": "inf", "e": "1_0"}
+    json.dumps(info, allow_nan=False)

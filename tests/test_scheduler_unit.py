@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from app.durations import KeepAlive
 from app.scheduler import memory
 from app.scheduler.devices import HOST, Device
 from app.scheduler.errors import LoadFailed, NoMemory, QueueFull, RunnerBusy, ShuttingDown
@@ -445,6 +446,26 @@ async def test_a_request_cancels_the_pending_expiry():
     assert runners.started[0].alive
     await held.release()
     assert timers.delays() == [300.0]
+
+
+@run
+async def test_a_requests_own_keep_alive_holds_until_the_next_request_ends():
+    runners, timers = Runners(), Timers()
+    s = make(runners, timers=timers, keep_alive=30.0)
+    async with s.lease(key("a"), "a", lambda: FILES, KeepAlive(3600.0)):
+        pass
+    assert timers.delays() == [3600.0]
+    (view,) = s.snapshot()
+    assert view.keep_alive == 3600.0
+    await use(s, "a")  # none of its own: the model's again
+    assert timers.delays() == [30.0]
+    async with s.lease(key("a"), "a", lambda: FILES, KeepAlive(None)):
+        pass
+    assert timers.delays() == []  # for ever
+    async with s.lease(key("a"), "a", lambda: FILES, KeepAlive(0.0)):
+        pass
+    await timers.fire()
+    assert s.snapshot() == [] and len(runners.started) == 1  # one runner throughout
 
 
 @run

@@ -12,6 +12,7 @@ from app.api.middleware import Handler
 from app.service.metrics import UNMATCHED, Metrics, request_scope
 
 METRICS = web.AppKey("metrics", Metrics)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def counting(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
@@ -35,8 +36,11 @@ def counting(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
             finally:
                 resource = request.match_info.route.resource
                 route = resource.canonical if resource is not None else UNMATCHED
-                # An unmatched request's method is whatever the client sent: not a label.
+                # A method is whatever the client sent (routes such as /version take any): only
+                # the known ones become label values.
                 method = request.method if resource is not None else ""
+                if method not in _METHODS:
+                    method = "other" if method else ""
                 metrics.request_done(route, method, seen.name, status)
 
     return count

@@ -4,6 +4,7 @@ which its clients show. Streams are JSON lines, the default as in Ollama."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -118,10 +119,10 @@ async def _generation(
         return json_response(protocol.load_answer(name, asked.chat, unloaded=True))
     await service.apply(asked.model, COMPLETION, asked.settings)
     if asked.body is None:
-        name = await service.load(asked.model, COMPLETION)
+        name = await service.load(asked.model, COMPLETION, asked.settings.keep_alive)
         return json_response(protocol.load_answer(name, asked.chat, unloaded=False))
     answer = protocol.Answer(asked)
-    async with _ask(request, asked.model, asked.body, asked.route) as chunks:
+    async with _ask(request, asked) as chunks:
         answer.accepted()
         if not asked.stream:
             async for chunk in chunks:
@@ -150,15 +151,17 @@ def _cut(message: str) -> bytes:
 
 @contextlib.asynccontextmanager
 async def _ask(
-    request: web.Request, model: str, body: dict[str, Any], route: str
+    request: web.Request, asked: protocol.GenerationRequest
 ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    assert asked.body is not None
+    inference, keep_alive = request.app[INFERENCE], asked.settings.keep_alive
     async with contextlib.AsyncExitStack() as stack:
         try:
             answer = await stack.enter_async_context(
-                chat(request.app[INFERENCE], body, None, route)
+                chat(inference, asked.body, None, asked.route, keep_alive)
             )
         except errors.NotFound:
-            raise not_found(model) from None
+            raise not_found(asked.model) from None
         assert answer.chunks is not None
         yield answer.chunks
 
@@ -178,16 +181,20 @@ async def _embed(request: web.Request, legacy: bool) -> web.StreamResponse:
     service = request.app[OLLAMA]
     await service.apply(model, EMBEDDING, settings)
     if asked is None:  # nothing to embed: load the model, as Ollama does
-        await service.load(model, EMBEDDING)
+        await service.load(model, EMBEDDING, settings.keep_alive)
         reply: dict[str, Any] = {"data": [], "model": model}
     else:
+        inference = request.app[INFERENCE]
         try:
-            async with chat(request.app[INFERENCE], asked, None, "embeddings") as answer:
+            async with chat(inference, asked, None, "embeddings", settings.keep_alive) as answer:
                 assert answer.body is not None
                 reply = answer.body
         except errors.NotFound:
             raise not_found(model) from None
-    return json_response(protocol.embed_answer(reply, model, started, legacy))
+    answer = protocol.embed_answer(reply, model, started, legacy)
+    # Thousands of vectors take the loop long to write: off it, as they were read.
+    body = await asyncio.to_thread(json_line, answer) if reply["data"] else json_line(answer)
+    return web.Response(body=body, content_type="application/json")
 
 
 # -- pulls and pushes -------------------------------------------------------------------------
@@ -212,10 +219,7 @@ async def _transfer_body(request: web.Request) -> tuple[dict[str, Any], bool]:
     # `insecure` is not honoured: which registries speak plain HTTP is the operator's
     # choice (INSECURE_REGISTRY), not a client's.
     body = await _body(request)
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise protocol.InvalidRequest("stream must be true or false")
-    return body, stream
+    return body, protocol.wants_stream(body)
 
 
 async def _transfer(

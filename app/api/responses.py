@@ -55,16 +55,11 @@ async def read_body(request: web.Request) -> bytes:
         ) from None
 
 
-# Parsing 10 MiB of JSON takes the loop ~100 ms, stalling every stream the front relays; a
-# small body parses faster than a hop to a thread and back.
-_PARSE_ON_LOOP = 64 * 1024
-
-
 async def read_json(request: web.Request, invalid: str) -> Any:
     """The request's JSON body; over the size cap or malformed, a 400 with DMR's text."""
     raw = await read_body(request)
     try:
-        if len(raw) <= _PARSE_ON_LOOP:
+        if len(raw) <= json_body.ON_LOOP_BYTES:
             return json_body.parse(raw)
         return await asyncio.to_thread(json_body.parse, raw)
     except json_body.InvalidJSON:

@@ -11,12 +11,15 @@ Beyond DMR, where Ollama's clients need it: real sizes and bare-hex digests in `
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from app.durations import DurationError, parse_keep_alive
+from app.durations import DurationError, KeepAlive, parse_keep_alive
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
@@ -27,26 +30,23 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """What a request asks of the runner itself rather than of one answer (spec 7.1: DMR
-    turns these into a ``_configure``): None where the request does not say."""
+    """What a request asks of the runner rather than of one answer; None where it does not
+    say. ``keep_alive`` holds for this request only, as in Ollama (the next request without
+    one gets the model's own); ``context_size`` (num_ctx) reconfigures the model's runner, as
+    DMR's ``_configure`` does (spec 7.1)."""
 
-    keep_alive: str | None = None
+    keep_alive: KeepAlive | None = None
     context_size: int | None = None
 
     def configure_body(self, model: str, mode: str) -> dict[str, Any] | None:
-        if self.keep_alive is None and self.context_size is None:
+        if self.context_size is None:
             return None
-        doc: dict[str, Any] = {"model": model, "mode": mode}
-        if self.keep_alive is not None:
-            doc["keep_alive"] = self.keep_alive
-        if self.context_size is not None:
-            doc["context-size"] = self.context_size
-        return doc
+        return {"model": model, "mode": mode, "context-size": self.context_size}
 
     @property
     def unloads(self) -> bool:
         """keep_alive 0: a request without a prompt unloads the model (Ollama's way)."""
-        return self.keep_alive is not None and parse_keep_alive(self.keep_alive) == 0
+        return self.keep_alive is not None and self.keep_alive.seconds == 0
 
 
 @dataclass
@@ -162,9 +162,7 @@ def _generation(body: dict[str, Any], model: str, route: str, chat: bool) -> Gen
             request["logprobs"] = True
             if top is not None:
                 request["top_logprobs"] = top
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("stream must be true or false")
+    stream = wants_stream(body)
     return GenerationRequest(model, route, request, stream, _settings(body, options), chat)
 
 
@@ -212,13 +210,15 @@ def _sampling(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _settings(body: dict[str, Any], options: dict[str, Any]) -> Settings:
-    keep_alive = body.get("keep_alive", options.get("keep_alive"))
-    if keep_alive is not None:
+    value = body.get("keep_alive")
+    if value is None:
+        value = options.get("keep_alive")
+    keep_alive = None
+    if value is not None:
         try:
-            parse_keep_alive(keep_alive)
+            keep_alive = KeepAlive(parse_keep_alive(value))
         except DurationError as exc:
             raise InvalidRequest(str(exc)) from None
-        keep_alive = str(keep_alive)
     ctx = options.get("num_ctx")
     if ctx is not None and (not _is_int(ctx) or ctx < 1):
         raise InvalidRequest(f"options.num_ctx must be a positive whole number, not {ctx!r}")
@@ -242,35 +242,44 @@ def _format(value: Any) -> dict[str, Any]:
 
 def _messages(messages: list[Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    calls: dict[str, str] = {}  # a tool's name -> the id of its latest call, for its result
+    serial = 0
+    # Ollama's tool turns name their tool, not a call: each answers the oldest unanswered
+    # call of that tool, so that templates that pair results with calls by id get it right.
+    unanswered: dict[str, deque[str]] = defaultdict(deque)
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"{where} must be an object with a role")
         if message.get("images"):
             raise InvalidRequest(f"{where}.images: this model does not support images")
-        content = message.get("content")
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise InvalidRequest(f"{where}.content must be a string")
+        content = _optional_text(message, "content", where)
         turn: dict[str, Any] = {"role": message["role"], "content": content}
         if message.get("tool_calls"):
-            turn["tool_calls"] = [
-                _tool_call(call, f"{where}.tool_calls[{j}]", len(calls) + j)
-                for j, call in enumerate(_list(message["tool_calls"], f"{where}.tool_calls"))
-            ]
-            calls.update((c["function"]["name"], c["id"]) for c in turn["tool_calls"])
+            calls = _list(message["tool_calls"], f"{where}.tool_calls")
+            turn["tool_calls"] = []
+            for j, call in enumerate(calls):
+                made = _tool_call(call, f"{where}.tool_calls[{j}]", f"call_{serial}")
+                serial += 1
+                turn["tool_calls"].append(made)
+                unanswered[made["function"]["name"]].append(made["id"])
         if message["role"] == "tool":
-            name = message.get("tool_name") or message.get("name")
-            if isinstance(name, str) and name:
+            name = _optional_text(message, "tool_name", where) or _optional_text(
+                message, "name", where
+            )
+            if name:
                 turn["name"] = name
-            turn["tool_call_id"] = message.get("tool_call_id") or calls.get(name or "", "call_0")
+            call_id = _optional_text(message, "tool_call_id", where)
+            waiting = unanswered[name]
+            if call_id in waiting:
+                waiting.remove(call_id)
+            elif not call_id:
+                call_id = waiting.popleft() if waiting else f"call_{serial}"
+            turn["tool_call_id"] = call_id
         out.append(turn)
     return out
 
 
-def _tool_call(call: Any, where: str, serial: int) -> dict[str, Any]:
+def _tool_call(call: Any, where: str, default_id: str) -> dict[str, Any]:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise InvalidRequest(f"{where} must have a function with a name")
@@ -278,7 +287,7 @@ def _tool_call(call: Any, where: str, serial: int) -> dict[str, Any]:
     if not isinstance(arguments, dict | str):
         raise InvalidRequest(f"{where}.function.arguments must be an object")
     return {
-        "id": call.get("id") or f"call_{serial}",
+        "id": _optional_text(call, "id", where) or default_id,
         "type": "function",
         "function": {
             "name": function["name"],
@@ -303,17 +312,25 @@ def _list(value: Any, where: str) -> list[Any]:
     return value
 
 
-def _optional_text(body: dict[str, Any], name: str) -> str:
+def _optional_text(body: dict[str, Any], name: str, where: str = "") -> str:
     value = body.get(name)
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise InvalidRequest(f"{name} must be a string")
+        field = f"{where}.{name}" if where else name
+        raise InvalidRequest(f"{field} must be a string")
     return value
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
+def wants_stream(body: dict[str, Any]) -> bool:
+    """Ollama streams unless told not to."""
+    return _flag(body, "stream", default=True)
+
+
+def _flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:  # null: not set, as Go reads it
+        return default
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be true or false")
     return value
@@ -583,17 +600,18 @@ def model_info(gguf: dict[str, Any]) -> dict[str, Any]:
     return {key: _typed(value) for key, value in gguf.items()}
 
 
+_JSON_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?")
+
+
 def _typed(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     if value in ("true", "false"):
         return value == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+    if not _JSON_NUMBER.fullmatch(value):  # "nan", "inf", "1_0" stay text: JSON has no such
+        return value
+    number = float(value) if any(c in value for c in ".eE") else int(value)
+    return number if math.isfinite(number) else value
 
 
 # -- pulls and pushes -------------------------------------------------------------------------

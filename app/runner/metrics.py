@@ -113,6 +113,8 @@ class RunnerMetrics:
         self._prompt_tokens.labels(kind).inc(end.prompt_tokens)
         self._cached_tokens.labels(kind).inc(end.cached_tokens)
         self._completion_tokens.labels(kind).inc(end.completion_tokens)
+        if not end.first_token_at:  # cancelled (or ended) before any token was sampled
+            return
         self._ttft.labels(kind).observe(end.first_token_at - watch.arrived)
         if end.completion_tokens > 1:
             gaps = end.completion_tokens - 1

@@ -30,6 +30,8 @@ class Resident:
 
     plan: Plan
     process: RunnerProcess
+    # The spec's, or the last finished request's own (KeepAlive): what the expiry counts.
+    keep_alive: float | None = None
     in_use: int = 0
     last_used: float = field(default_factory=time.time)
     draining: bool = False
@@ -56,4 +58,5 @@ class Resident:
             last_used=self.last_used,
             draining=self.draining,
             pid=self.process.pid,
+            keep_alive=self.keep_alive,
         )

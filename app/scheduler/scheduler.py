@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass
 from typing import Any
 
+from app.durations import KeepAlive
 from app.logging import get_logger
 from app.scheduler import budget, memory, refusals
 from app.scheduler.configs import ModelConfigs
@@ -119,10 +120,16 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def lease(
-        self, key: RunnerKey, name: str, files: Callable[[], ModelFiles]
+        self,
+        key: RunnerKey,
+        name: str,
+        files: Callable[[], ModelFiles],
+        keep_alive: KeepAlive | None = None,
     ) -> AsyncIterator[RunnerProcess]:
         """The runner for a request, counted as in use (never evicted) until the block ends.
-        ``files`` (blocking) is called only when the runner has to be started."""
+        ``files`` (blocking) is called only when the runner has to be started. The request's
+        own ``keep_alive``, if any, is how long the runner stays idle after it (else the
+        model's configured one)."""
         self._check_queue(key, name)
         self._wanted[key] += 1
         try:
@@ -137,6 +144,9 @@ class Scheduler:
         try:
             yield resident.process
         finally:
+            resident.keep_alive = (
+                keep_alive.seconds if keep_alive is not None else resident.plan.spec.keep_alive
+            )
             self._release(resident)
 
     def _check_queue(self, key: RunnerKey, name: str) -> None:
@@ -227,11 +237,10 @@ class Scheduler:
 
     # -- keep_alive ----------------------------------------------------------------------
     def _schedule_expiry(self, resident: Resident) -> None:
-        spec = resident.plan.spec
-        if resident.in_use or spec.pinned or spec.keep_alive is None:
+        if resident.in_use or resident.plan.spec.pinned or resident.keep_alive is None:
             return
         resident.expiry = self._call_later(
-            spec.keep_alive, lambda: self._background(self._expire(resident))
+            resident.keep_alive, lambda: self._background(self._expire(resident))
         )
 
     def _call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
@@ -356,7 +365,7 @@ class Scheduler:
             seconds=round(seconds, 2),
             memory_estimate_mib=round(plan_.estimate.total / MIB),
         )
-        return Resident(plan_, process)
+        return Resident(plan_, process, keep_alive=plan_.spec.keep_alive)
 
     # -- control -------------------------------------------------------------------------
     def snapshot(self) -> list[RunnerView]:

@@ -40,8 +40,17 @@ class RunnerView:
             parallel=spec.parallel,
         )
 
-    def with_use(self, in_use: int, last_used: float, draining: bool, pid: int) -> RunnerView:
-        return replace(self, in_use=in_use, last_used=last_used, draining=draining, pid=pid)
+    def with_use(
+        self, in_use: int, last_used: float, draining: bool, pid: int, keep_alive: float | None
+    ) -> RunnerView:
+        return replace(
+            self,
+            in_use=in_use,
+            last_used=last_used,
+            draining=draining,
+            pid=pid,
+            keep_alive=keep_alive,
+        )
 
     @property
     def in_flight(self) -> int:

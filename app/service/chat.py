@@ -8,12 +8,15 @@ templates and tool-call parsing are written once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from app.durations import KeepAlive
+from app.json_body import ON_LOOP_BYTES
 from app.service.inference import InferenceService
 
 
@@ -42,12 +45,13 @@ async def chat(
     request: dict[str, Any],
     backend: str | None,
     route: str = "chat/completions",
+    keep_alive: KeepAlive | None = None,
 ) -> AsyncIterator[ChatAnswer]:
     """Ask the model ``request["model"]`` for a chat completion (or, on ``route``, a
-    completion or embeddings). Raises ChatFailed for an answer other than 200, and the
-    inference service's errors (unknown model, full queue)."""
+    completion or embeddings); ``keep_alive``, the request's own. Raises ChatFailed for an
+    answer other than 200, and the inference service's errors (unknown model, full queue)."""
     body = json.dumps(request).encode()
-    async with inference.serve(route, body, request, backend) as reply:
+    async with inference.serve(route, body, request, backend, keep_alive=keep_alive) as reply:
         assert reply is not None  # not a preload
         if reply.status != 200:
             raw = b"".join([chunk async for chunk in reply.chunks])
@@ -56,7 +60,10 @@ async def chat(
             yield ChatAnswer(None, _events(reply.chunks))
         else:
             raw = b"".join([chunk async for chunk in reply.chunks])
-            yield ChatAnswer(json.loads(raw), None)
+            if len(raw) <= ON_LOOP_BYTES:
+                yield ChatAnswer(json.loads(raw), None)
+            else:  # many embeddings, say
+                yield ChatAnswer(await asyncio.to_thread(json.loads, raw), None)
 
 
 def _failure(status: int, raw: bytes) -> ChatFailed:

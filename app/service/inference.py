@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from app import errors
+from app.durations import KeepAlive
 from app.logging import get_logger
 from app.oci import reference
 from app.scheduler.launch import COMPLETION, EMBEDDING, ModelFiles, RunnerKey
@@ -76,10 +77,17 @@ class InferenceService:
 
     @contextlib.asynccontextmanager
     async def serve(
-        self, route: str, body: bytes, doc: Any, backend: str | None, preload_only: bool = False
+        self,
+        route: str,
+        body: bytes,
+        doc: Any,
+        backend: str | None,
+        preload_only: bool = False,
+        keep_alive: KeepAlive | None = None,
     ) -> AsyncIterator[Reply | None]:
         """The runner's reply to an OpenAI request (``doc`` is ``body`` parsed); None when
         ``preload_only`` (``docker model run -d``): the runner is loaded, nothing is asked.
+        ``keep_alive``: the request's own (Ollama's), else the model's.
         Raises RunnerDied, from here or while reading the chunks."""
         check_backend(backend)
         name = _model_name(doc)
@@ -87,7 +95,7 @@ class InferenceService:
         mode = ROUTES[route]
         for retry in (True, False):
             async with contextlib.AsyncExitStack() as stack:
-                process = await stack.enter_async_context(self._lease(entry, mode))
+                process = await stack.enter_async_context(self._lease(entry, mode, keep_alive))
                 if preload_only:
                     yield None
                     return
@@ -111,18 +119,18 @@ class InferenceService:
                 yield reply
                 return
 
-    async def load(self, entry: IndexEntry, mode: str) -> None:
+    async def load(self, entry: IndexEntry, mode: str, keep_alive: KeepAlive | None = None) -> None:
         """Have the model's runner loaded (preload, ``_configure``), asking it nothing."""
-        async with self._lease(entry, mode):
+        async with self._lease(entry, mode, keep_alive):
             pass
 
     def _lease(
-        self, entry: IndexEntry, mode: str
+        self, entry: IndexEntry, mode: str, keep_alive: KeepAlive | None
     ) -> contextlib.AbstractAsyncContextManager[RunnerProcess]:
         # The runner answers with the model's one name (its /v1/models id), however the
         # request spelled it.
         return self.scheduler.lease(
-            RunnerKey(entry.id, mode), entry.name, lambda: self._files(entry)
+            RunnerKey(entry.id, mode), entry.name, lambda: self._files(entry), keep_alive
         )
 
     def _files(self, entry: IndexEntry) -> ModelFiles:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app import errors
+from app.durations import KeepAlive
 from app.logging import get_logger
 from app.protocols import ollama as protocol
 from app.runner.tools import template_knows_tools
@@ -118,8 +119,9 @@ class OllamaService:
 
     # -- runners ----------------------------------------------------------------------------
     async def apply(self, model: str, mode: str, settings: protocol.Settings) -> None:
-        """A request's keep_alive and num_ctx, as DMR applies them: through ``_configure``, a
-        refusal (the runner is busy) only logged, so the request is still answered."""
+        """A request's num_ctx, as DMR applies it: through ``_configure`` (an idle runner
+        restarts with it, as Ollama reloads), a refusal (the runner is busy) only logged, so
+        the request is still answered."""
         doc = settings.configure_body(model, mode)
         if doc is None:
             return
@@ -130,10 +132,10 @@ class OllamaService:
         except (errors.ServiceError, SchedulerError) as exc:
             log.info("request's runner settings not applied", model=model, error=str(exc))
 
-    async def load(self, model: str, mode: str) -> str:
-        """Have the model's runner loaded; the model's one name."""
+    async def load(self, model: str, mode: str, keep_alive: KeepAlive | None) -> str:
+        """Have the model's runner loaded (to stay ``keep_alive``); the model's one name."""
         entry = await self.resolve(model)
-        await self.control.inference.load(entry, mode)
+        await self.control.inference.load(entry, mode, keep_alive)
         return entry.name
 
     async def unload(self, model: str) -> str:
@@ -158,11 +160,14 @@ class OllamaService:
 
 def _expires_at(view: RunnerView, now: float) -> str:
     """When keep_alive will stop it: counted from now while it serves, never for a pinned or
-    kept-forever runner (Go's zero time, as DMR writes it)."""
+    kept-forever runner (Go's zero time, as DMR writes it), nor past year 9999."""
     if view.pinned or view.keep_alive is None:
         return protocol.ZERO_TIME
     expires_in = view.expires_in(now)
-    return protocol.now_text(now + (view.keep_alive if expires_in is None else expires_in))
+    try:
+        return protocol.now_text(now + (view.keep_alive if expires_in is None else expires_in))
+    except (ValueError, OverflowError, OSError):  # "100000000h": beyond any calendar
+        return protocol.ZERO_TIME
 
 
 def _read_text(path: Path | None) -> str:

@@ -22,14 +22,13 @@ from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
+from app.json_body import ON_LOOP_BYTES
 from app.protocols.openai_stream import StreamAssembler
 
 MAX_RECORDS = 10  # per model, as DMR
 BODY_CAP = 256 * 1024  # bytes of request and of response a record keeps
 MEDIA_KEEP = 100  # characters of base64 media a recorded request keeps, as DMR
 SUBSCRIBER_BACKLOG = 100  # events a follower may fall behind before it is let go
-# Re-encoding a request's JSON takes the loop ~10 ms per MiB: bigger ones go to a thread.
-_ENCODE_ON_LOOP = 64 * 1024
 # How a request ends when its client goes away (or shutdown cuts it): what was answered is kept.
 _CLIENT_LEFT = (asyncio.CancelledError, ConnectionError, GeneratorExit)
 
@@ -316,7 +315,7 @@ def _request_text(body: bytes, doc: Any) -> str | asyncio.Future[str]:
     shortened = _without_media(doc)
     if shortened is None:
         return _capped(body)
-    if len(body) <= _ENCODE_ON_LOOP:
+    if len(body) <= ON_LOOP_BYTES:
         return _encoded(shortened)
     return asyncio.get_running_loop().run_in_executor(None, _encoded, shortened)
 
