@@ -234,7 +234,10 @@ async def runners(base: str, model: str, check: Check) -> list[dict[str, Any]]:
     rows = await fetch(f"{base}/engines/ps", check)
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "pid" in r for r in rows):
         raise Bad(f"/engines/ps: not a list of runners: {rows!r:.300}")
-    return [row for row in rows if row.get("model_name") == model]
+    # ps names a model by its one name, the id /v1/models lists (docker.io/bench/tiny:f16).
+    listed = await fetch(f"{base}/engines/v1/models/{model}", check)
+    name = listed.get("id") if isinstance(listed, dict) else None
+    return [row for row in rows if row.get("model_name") == (name or model)]
 
 
 ROUTES = [chat, completion, embeddings, json_schema, chat_stream, status, ps]
