@@ -7,7 +7,9 @@ greedy request, and JSON only where a grammar forces it.
 
 from __future__ import annotations
 
+import http.client
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from app.protocols import ollama as protocol
 from app.store import ModelStore
-from tests.conftest import Server
+from tests.conftest import Server, new_server
 from tests.registry import LocalRegistry
 from tests.test_distribution import push_tiny
 from tests.tool_models import TEMPLATES, WEATHER, serving
@@ -228,6 +230,41 @@ def test_bad_requests_are_400_with_a_reason(client: ollama.Client, llm: Server):
     ):
         reply = llm.tcp.request("POST", "/api/generate", body)
         assert reply.status == 400 and word in json.loads(reply.body)["error"]
+
+
+def test_a_client_that_leaves_stops_its_answer(llm: Server):
+    cancelled = len([ln for ln in llm.log().splitlines() if "reason=cancelled" in ln])
+    conn = http.client.HTTPConnection("127.0.0.1", llm.port, timeout=30)
+    body = {"model": "tiny", "messages": SAY, "options": {"num_predict": 2000}}
+    conn.request("POST", "/api/chat", json.dumps(body))
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.headers["Content-Type"] == "application/x-ndjson"
+    assert json.loads(reply.readline())["done"] is False
+    conn.close()
+    llm.wait_logged("reason=cancelled", cancelled + 1)
+    assert "Traceback" not in llm.log()
+
+
+def test_shutdown_ends_a_stream_with_an_error_line(tmp_path: Path, tiny_gguf: Path):
+    srv = new_server(tmp_path, MODEL_RUNNER_SHUTDOWN_TIMEOUT="0.5s")
+    srv.start()
+    try:
+        srv.cli("package", "--gguf", str(tiny_gguf), "--store", "tiny")
+        assert srv.proc is not None
+        parts = ollama.Client(host=srv.url).chat(
+            model="tiny", messages=SAY, options={"num_predict": 20_000}, stream=True
+        )
+        with pytest.raises(ollama.ResponseError) as caught:
+            for n, _ in enumerate(parts):
+                if n == 5:  # once the answer is under way
+                    srv.proc.send_signal(signal.SIGTERM)
+        assert "shutting down" in str(caught.value.error)
+        assert srv.proc.wait(timeout=20) == 0
+        assert "Traceback" not in srv.log()
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+        srv.sock.unlink(missing_ok=True)
 
 
 # -- embeddings ------------------------------------------------------------------------------
