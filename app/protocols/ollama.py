@@ -16,12 +16,10 @@ import re
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from app.durations import DurationError, KeepAlive, parse_keep_alive
-
-ZERO_TIME = "0001-01-01T00:00:00Z"
+from app.timestamps import go_time
 
 
 class InvalidRequest(ValueError):
@@ -345,15 +343,9 @@ def _is_number(value: Any) -> bool:
 
 
 # -- answers ----------------------------------------------------------------------------------
-def now_text(ts: float | None = None) -> str:
-    """RFC 3339 in UTC with a Z, as Go (and so Ollama) writes times."""
-    moment = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def load_answer(model: str, chat: bool, unloaded: bool) -> dict[str, Any]:
     """The answer to a request without a prompt: the model is loaded (or unloaded)."""
-    body: dict[str, Any] = {"model": model, "created_at": now_text()}
+    body: dict[str, Any] = {"model": model, "created_at": go_time()}
     if chat:
         body["message"] = {"role": "assistant", "content": ""}
     else:
@@ -424,7 +416,7 @@ class Answer:
         self, piece: str, calls: list[dict[str, Any]], logprobs: list[dict[str, Any]]
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model or self.request.model}
-        body["created_at"] = now_text()
+        body["created_at"] = go_time()
         if self.request.chat:
             message: dict[str, Any] = {"role": "assistant", "content": piece}
             if calls:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,9 @@ from app.scheduler.snapshot import RunnerView
 from app.service.backend import BACKEND, check_backend
 from app.service.inference import InferenceService
 from app.store import ModelStore
+from app.timestamps import ZERO_TIME, go_time
 
 log = get_logger("control")
-_ZERO_TIME = "0001-01-01T00:00:00Z"
 PRELOAD_TIMEOUT_S = 600
 
 
@@ -131,7 +130,7 @@ def _ps_row(view: RunnerView, now: float) -> dict[str, Any]:
         "backend_name": BACKEND,
         "model_name": view.name,
         "mode": view.key.mode,
-        "last_used": _ZERO_TIME,
+        "last_used": ZERO_TIME,
     }
     if view.loading:
         row["loading"] = True
@@ -152,7 +151,7 @@ def _ps_row(view: RunnerView, now: float) -> dict[str, Any]:
         row["waiting"] = view.waiting
     else:
         assert view.last_used is not None
-        row["last_used"] = _iso(view.last_used)
+        row["last_used"] = go_time(view.last_used)
         expires_in = view.expires_in(now)
         if expires_in is not None:
             row["expires_in_s"] = round(expires_in, 1)
@@ -160,10 +159,6 @@ def _ps_row(view: RunnerView, now: float) -> dict[str, Any]:
         row["draining"] = True
     row["pid"] = view.pid
     return row
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _tree_size(root: Path) -> int:

@@ -21,6 +21,7 @@ from app.service.control import ControlService
 from app.service.models import ModelService
 from app.service.views import created_seconds, model_config
 from app.store import IndexEntry, ModelStore, StoreError
+from app.timestamps import ZERO_TIME, go_time
 
 log = get_logger("ollama")
 
@@ -113,7 +114,7 @@ class OllamaService:
             name=entry.name,
             digest=entry.hex,
             size=size,
-            modified_at=protocol.now_text(created_seconds(doc)),
+            modified_at=go_time(created_seconds(doc)),
             config=model_config(doc),
         )
 
@@ -162,12 +163,12 @@ def _expires_at(view: RunnerView, now: float) -> str:
     """When keep_alive will stop it: counted from now while it serves, never for a pinned or
     kept-forever runner (Go's zero time, as DMR writes it), nor past year 9999."""
     if view.pinned or view.keep_alive is None:
-        return protocol.ZERO_TIME
+        return ZERO_TIME
     expires_in = view.expires_in(now)
     try:
-        return protocol.now_text(now + (view.keep_alive if expires_in is None else expires_in))
+        return go_time(now + (view.keep_alive if expires_in is None else expires_in))
     except (ValueError, OverflowError, OSError):  # "100000000h": beyond any calendar
-        return protocol.ZERO_TIME
+        return ZERO_TIME
 
 
 def _read_text(path: Path | None) -> str:
