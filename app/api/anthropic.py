@@ -45,10 +45,7 @@ def routes() -> list[tuple[str, str, Handler]]:
 def _render(exc: Exception) -> web.Response:
     """Any error before the answer starts as Anthropic's error object, never DMR's text."""
     status, message = failure(exc, protocol.InvalidRequest)
-    headers: dict[str, str] = {}
-    if retry := getattr(exc, "retry_after", None):
-        headers["Retry-After"] = str(retry)
-    return web.json_response(protocol.error_body(status, message), status=status, headers=headers)
+    return web.json_response(protocol.error_body(status, message), status=status)
 
 
 _anthropic_errors = answering_errors(_render)

@@ -125,8 +125,9 @@ def _failure_status(exc: Exception, invalid: type[Exception]) -> int | None:
 
 
 def answering_errors(render: Callable[[Exception], web.Response]) -> Callable[[Handler], Handler]:
-    """For the APIs with error shapes of their own (Anthropic, Responses): an error before the
-    answer starts is ``render``ed; once a stream is under way, it is cut as on any route."""
+    """For the APIs with error shapes of their own (OpenAI, Anthropic, Ollama): an error before
+    the answer starts is ``render``ed, with the ``Retry-After`` it asks for (a full queue);
+    once a stream is under way, it is cut as on any route."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -136,7 +137,10 @@ def answering_errors(render: Callable[[Exception], web.Response]) -> Callable[[H
             except Exception as exc:
                 if is_streaming(request):
                     raise
-                return render(exc)
+                response = render(exc)
+                if retry := getattr(exc, "retry_after", None):
+                    response.headers["Retry-After"] = str(retry)
+                return response
 
         return answer
 

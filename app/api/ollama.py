@@ -33,10 +33,7 @@ VERSION = "0.1.0"
 
 def _render(exc: Exception) -> web.Response:
     status, message = failure(exc, protocol.InvalidRequest)
-    response = json_response(protocol.error_body(message), status)
-    if retry := getattr(exc, "retry_after", None):
-        response.headers["Retry-After"] = str(retry)
-    return response
+    return json_response(protocol.error_body(message), status)
 
 
 def routes() -> list[tuple[str, str, Handler]]:

@@ -18,10 +18,7 @@ log = get_logger("openai")
 def openai_error_answer(exc: Exception) -> web.Response:
     """Any error before the answer starts as OpenAI's error object."""
     error = as_openai_error(exc)
-    response = json_response(error.body(), error.status)
-    if error.retry_after:
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
+    return json_response(error.body(), error.status)
 
 
 def as_openai_error(exc: Exception) -> OpenAIError:
@@ -39,4 +36,4 @@ def as_openai_error(exc: Exception) -> OpenAIError:
         log.error("request failed", error=str(exc))
     if isinstance(exc, errors.UnknownModel):
         return OpenAIError(status, str(exc), "model", "model_not_found")
-    return OpenAIError(status, str(exc), retry_after=getattr(exc, "retry_after", None))
+    return OpenAIError(status, str(exc))

@@ -15,13 +15,11 @@ class OpenAIError(Exception):
         message: str,
         param: str | None = None,
         code: str | None = None,
-        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
-        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
