@@ -1,5 +1,6 @@
-"""An OpenAI chat/completions event stream put back together as the one answer the same
-request, not streamed, would have got: what DMR's request recorder keeps of a stream."""
+"""OpenAI's chat/completions event streams: their ``data:`` payloads out of bytes as they
+arrive, and a stream put back together as the one answer the same request, not streamed, would
+have got (what DMR's request recorder keeps of a stream)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TRUNCATED = "...[truncated]"
+DONE = b"[DONE]"  # the payload that ends a stream
 # One event carries a token or a tool call's arguments: a "pending event" this long is no event.
 _MAX_EVENT = 256 * 1024
+
+
+class Payloads:
+    """The ``data:`` payloads of an event stream fed as bytes in any chunking; ``max_event``
+    bytes of an event not yet ended are dropped rather than kept growing (None: no bound)."""
+
+    def __init__(self, max_event: int | None = None) -> None:
+        self._pending = b""
+        self._max_event = max_event
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._pending += data
+        *events, self._pending = self._pending.split(b"\n\n")
+        if self._max_event is not None and len(self._pending) > self._max_event:
+            self._pending = b""
+        lines = (line for event in events for line in event.split(b"\n"))
+        return [line[6:] for line in lines if line.startswith(b"data: ")]
 
 
 @dataclass
@@ -41,7 +60,7 @@ class StreamAssembler:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.error: dict[str, Any] | None = None  # a failure event, as the stream sent it
-        self._pending = b""
+        self._payloads = Payloads(_MAX_EVENT)
         self._seen = False
         self._envelope: dict[str, Any] = {}
         self._chat = True
@@ -51,14 +70,9 @@ class StreamAssembler:
         self._full = False
 
     def feed(self, data: bytes) -> None:
-        self._pending += data
-        *events, self._pending = self._pending.split(b"\n\n")
-        if len(self._pending) > _MAX_EVENT:
-            self._pending = b""
-        for event in events:
-            for line in event.split(b"\n"):
-                if line.startswith(b"data: ") and line[6:] != b"[DONE]":
-                    self._payload(line[6:])
+        for payload in self._payloads.feed(data):
+            if payload != DONE:
+                self._payload(payload)
 
     def result(self) -> dict[str, Any] | None:
         """The whole answer (chat.completion or text_completion); None before any chunk."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from app.durations import KeepAlive
 from app.json_body import ON_LOOP_BYTES
+from app.protocols.openai_stream import DONE, Payloads
 from app.service.inference import InferenceService
 
 
@@ -76,15 +77,9 @@ def _failure(status: int, raw: bytes) -> ChatFailed:
 
 async def _events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     """The SSE ``data:`` payloads of a runner's stream, up to ``[DONE]``."""
-    pending = b""
+    payloads = Payloads()  # no bound: the runner sends a tool call whole, in one event
     async for chunk in chunks:
-        pending += chunk
-        *events, pending = pending.split(b"\n\n")
-        for event in events:
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    return
-                yield json.loads(data)
+        for payload in payloads.feed(chunk):
+            if payload == DONE:
+                return
+            yield json.loads(payload)
