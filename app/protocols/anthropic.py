@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.protocols.openai_calls import arguments_object
+
 Event = tuple[str, dict[str, Any]]  # an SSE event's name and its data
 
 
@@ -369,7 +371,8 @@ def message(body: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
         content.append({"type": "text", "text": answer["content"]})
     for call in answer.get("tool_calls") or []:
         function = call.get("function") or {}
-        content.append(_tool_use(function.get("name", ""), _input(function.get("arguments"))))
+        arguments = arguments_object(function.get("arguments"))
+        content.append(_tool_use(function.get("name", ""), arguments))
     reason, sequence = _stop_reason(choice)
     usage = _usage(body.get("usage"))
     return _envelope(_new_id("msg_"), request.model, content, (reason, sequence), usage)
@@ -396,15 +399,6 @@ def _envelope(
 
 def _tool_use(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     return {"type": "tool_use", "id": _new_id("toolu_"), "name": name, "input": arguments}
-
-
-def _input(arguments: Any) -> dict[str, Any]:
-    # The runner only reports calls whose arguments are a JSON object.
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _usage(usage: dict[str, Any] | None) -> dict[str, int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.durations import DurationError, KeepAlive, parse_keep_alive
+from app.protocols.openai_calls import arguments_object
 from app.timestamps import go_time
 
 
@@ -456,18 +457,12 @@ class Answer:
 
 def _ollama_call(call: dict[str, Any]) -> dict[str, Any]:
     function = call.get("function") or {}
-    try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except ValueError:
-        arguments = {}
-    if not isinstance(arguments, dict):
-        arguments = {}
     return {
         "id": call.get("id"),
         "function": {
             "index": call.get("index", 0),
             "name": function.get("name", ""),
-            "arguments": arguments,
+            "arguments": arguments_object(function.get("arguments")),
         },
     }
 
