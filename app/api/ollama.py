@@ -18,9 +18,10 @@ from app.api.middleware import Handler, answering_errors, failure
 from app.api.models import DISTRIBUTION
 from app.api.openai import INFERENCE
 from app.api.responses import json_line, json_response, read_json
+from app.durations import KeepAlive
 from app.protocols import ollama as protocol
 from app.scheduler.launch import COMPLETION, EMBEDDING
-from app.service.chat import ChatFailed, chat
+from app.service.chat import ChatAnswer, ChatFailed, chat
 from app.service.inference import RunnerDied
 from app.service.ollama import OllamaService, not_found
 from app.service.recorder import OLLAMA_COMPLETION, request_origin
@@ -119,7 +120,10 @@ async def _generation(
         name = await service.load(asked.model, COMPLETION, asked.settings.keep_alive)
         return json_response(protocol.load_answer(name, asked.chat, unloaded=False))
     answer = protocol.Answer(asked)
-    async with _ask(request, asked) as chunks:
+    keep_alive = asked.settings.keep_alive
+    async with _ask(request, asked.model, asked.body, asked.route, keep_alive) as asking:
+        assert asking.chunks is not None
+        chunks = asking.chunks
         answer.accepted()
         if not asked.stream:
             async for chunk in chunks:
@@ -148,19 +152,20 @@ def _cut(message: str) -> bytes:
 
 @contextlib.asynccontextmanager
 async def _ask(
-    request: web.Request, asked: protocol.GenerationRequest
-) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-    assert asked.body is not None
-    inference, keep_alive = request.app[INFERENCE], asked.settings.keep_alive
+    request: web.Request,
+    model: str,
+    body: dict[str, Any],
+    route: str,
+    keep_alive: KeepAlive | None,
+) -> AsyncIterator[ChatAnswer]:
+    """The runner's answer on ``route``; an unknown model in Ollama's words."""
+    inference = request.app[INFERENCE]
     async with contextlib.AsyncExitStack() as stack:
         try:
-            answer = await stack.enter_async_context(
-                chat(inference, asked.body, None, asked.route, keep_alive)
-            )
+            answer = await stack.enter_async_context(chat(inference, body, None, route, keep_alive))
         except errors.NotFound:
-            raise not_found(asked.model) from None
-        assert answer.chunks is not None
-        yield answer.chunks
+            raise not_found(model) from None
+        yield answer
 
 
 async def embed(request: web.Request) -> web.StreamResponse:
@@ -181,13 +186,9 @@ async def _embed(request: web.Request, legacy: bool) -> web.StreamResponse:
         await service.load(model, EMBEDDING, settings.keep_alive)
         reply: dict[str, Any] = {"data": [], "model": model}
     else:
-        inference = request.app[INFERENCE]
-        try:
-            async with chat(inference, asked, None, "embeddings", settings.keep_alive) as answer:
-                assert answer.body is not None
-                reply = answer.body
-        except errors.NotFound:
-            raise not_found(model) from None
+        async with _ask(request, model, asked, "embeddings", settings.keep_alive) as asking:
+            assert asking.body is not None
+            reply = asking.body
     answer = protocol.embed_answer(reply, model, started, legacy)
     # Thousands of vectors take the loop long to write: off it, as they were read.
     body = await asyncio.to_thread(json_line, answer) if reply["data"] else json_line(answer)

@@ -165,19 +165,19 @@ def _generation(body: dict[str, Any], model: str, route: str, chat: bool) -> Gen
     return GenerationRequest(model, route, request, stream, _settings(body, options), chat)
 
 
-# Ollama's option -> the OpenAI (or llama.cpp) field the runner reads. Options of Ollama's own
-# runner that change nothing here (num_thread, num_gpu, mirostat, ...) are accepted and ignored,
-# as Ollama itself ignores options a model does not use.
-_SAMPLING = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "seed": "seed",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "repeat_penalty": "repeat_penalty",
-}
+# Ollama's options that the runner reads under the same names (OpenAI's, or llama.cpp's). Options
+# of Ollama's own runner that change nothing here (num_thread, num_gpu, mirostat, ...) are
+# accepted and ignored, as Ollama itself ignores options a model does not use.
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+)
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +188,7 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sampling(options: dict[str, Any]) -> dict[str, Any]:
-    out = {ours: options[theirs] for theirs, ours in _SAMPLING.items() if theirs in options}
+    out = {name: options[name] for name in _SAMPLING if name in options}
     for name, value in out.items():
         if not _is_number(value):
             raise InvalidRequest(f"options.{name} must be a number, not {value!r}")
