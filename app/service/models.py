@@ -6,9 +6,9 @@ callers await them from the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from app import errors
 from app.distribution import progress
@@ -30,6 +30,7 @@ from app.store import (
 )
 
 log = get_logger("models")
+T = TypeVar("T")
 
 _DELETE_NOT_FOUND = "error while deleting model: model not found"
 
@@ -81,10 +82,16 @@ class ModelService:
 
     @in_thread
     def list_models(self) -> list[dict[str, Any]]:
-        return [view for entry, view in self._views(model_json)]
+        return [view for _, view in self.views(model_json)]
 
-    def _views(self, render: Any) -> Iterator[tuple[IndexEntry, dict[str, Any]]]:
-        for entry in self.store.entries():
+    def views(
+        self,
+        render: Callable[[IndexEntry, dict[str, Any]], T],
+        entries: Iterable[IndexEntry] | None = None,
+    ) -> Iterator[tuple[IndexEntry, T]]:
+        """Each model (every stored one, or ``entries``) rendered from its config, those that
+        cannot be read left out. Blocking: for worker threads."""
+        for entry in self.store.entries() if entries is None else entries:
             try:
                 yield entry, render(entry, self.store.config(entry))
             except (OSError, ValueError, StoreError) as exc:
@@ -97,7 +104,7 @@ class ModelService:
 
     @in_thread
     def openai_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [view for _, view in self._views(openai_json)]}
+        return {"object": "list", "data": [view for _, view in self.views(openai_json)]}
 
     @in_thread
     def openai_model(self, ref: str) -> dict[str, Any]:

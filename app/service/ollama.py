@@ -20,7 +20,7 @@ from app.scheduler.snapshot import RunnerView
 from app.service.control import ControlService
 from app.service.models import ModelService
 from app.service.views import created_seconds, model_config
-from app.store import IndexEntry, ModelStore, StoreError
+from app.store import IndexEntry, ModelStore
 from app.timestamps import ZERO_TIME, go_time
 
 log = get_logger("ollama")
@@ -48,28 +48,21 @@ class OllamaService:
         return await asyncio.to_thread(self._tags)
 
     def _tags(self) -> list[dict[str, Any]]:
-        rows = []
-        for entry in self.store.entries():
-            facts = self._facts_or_none(entry)
-            if facts is None:
-                continue
-            # One row per tag, as DMR lists them (the ID for a model without one).
-            for name in entry.tags or (entry.id,):
-                rows.append(replace(facts, name=name).listed())
-        return rows
+        # One row per tag, as DMR lists them (the ID for a model without one).
+        return [
+            replace(facts, name=name).listed()
+            for entry, facts in self.models.views(self._facts)
+            for name in entry.tags or (entry.id,)
+        ]
 
     async def ps(self) -> list[dict[str, Any]]:
         views = [v for v in self.control.scheduler.snapshot() if not v.loading]
-        if not views:
-            return []
-        entries = {e.id: e for e in await asyncio.to_thread(self.store.entries)}
-        facts = await asyncio.to_thread(
-            lambda: {
-                v.key.model_id: self._facts_or_none(entries[v.key.model_id])
-                for v in views
-                if v.key.model_id in entries
-            }
-        )
+        return await asyncio.to_thread(self._running, views) if views else []
+
+    def _running(self, views: list[RunnerView]) -> list[dict[str, Any]]:
+        wanted = {view.key.model_id for view in views}
+        entries = [entry for entry in self.store.entries() if entry.id in wanted]
+        facts = {entry.id: known for entry, known in self.models.views(self._facts, entries)}
         now = time.time()
         return [
             protocol.running(
@@ -88,7 +81,7 @@ class OllamaService:
         return await asyncio.to_thread(self._show, entry)
 
     def _show(self, entry: IndexEntry) -> dict[str, Any]:
-        facts = self._facts(entry)
+        facts = self._facts(entry, self.store.config(entry))
         bundle = self.store.bundle(entry)
         template = _read_text(bundle.chat_template)
         capabilities = ["completion"]
@@ -99,16 +92,7 @@ class OllamaService:
             capabilities.append("embedding")
         return protocol.show(facts, template, capabilities)
 
-    def _facts_or_none(self, entry: IndexEntry) -> protocol.ModelFacts | None:
-        try:
-            return self._facts(entry)
-        except (OSError, ValueError, StoreError) as exc:
-            # One damaged model must not hide the others (as the DMR listing skips it).
-            log.warning("skipping unreadable model", model=entry.id, error=str(exc))
-            return None
-
-    def _facts(self, entry: IndexEntry) -> protocol.ModelFacts:
-        doc = self.store.config(entry)
+    def _facts(self, entry: IndexEntry, doc: dict[str, Any]) -> protocol.ModelFacts:
         size = sum(blob.size for blob in self.store.manifest(entry).blobs)
         return protocol.ModelFacts(
             name=entry.name,
