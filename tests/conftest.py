@@ -78,6 +78,12 @@ class Server:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=20)
 
+    def discard(self) -> None:
+        """After a test: killed if it still runs (the test failed half-way), its socket gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop(signal.SIGKILL)
+        self.sock.unlink(missing_ok=True)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -135,9 +141,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     srv = new_server(tmp_path)
     srv.start()
     yield srv
-    if srv.proc is not None and srv.proc.poll() is None:
-        srv.stop(signal.SIGKILL)
-    srv.sock.unlink(missing_ok=True)
+    srv.discard()
 
 
 @pytest.fixture

@@ -262,9 +262,7 @@ def test_shutdown_ends_a_stream_with_an_error_line(tmp_path: Path, tiny_gguf: Pa
         assert srv.proc.wait(timeout=20) == 0
         assert "Traceback" not in srv.log()
     finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop(signal.SIGKILL)
-        srv.sock.unlink(missing_ok=True)
+        srv.discard()
 
 
 # -- embeddings ------------------------------------------------------------------------------

@@ -51,9 +51,7 @@ def start(tmp_path: Path, models: dict[str, Path]) -> Iterator[Callable[..., Ser
 
     yield run
     for srv in started:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop(signal.SIGKILL)
-        srv.sock.unlink(missing_ok=True)
+        srv.discard()
 
 
 def call(srv: Server, method: str, path: str, body: Any = None) -> tuple[int, Any, dict]:
