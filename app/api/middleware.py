@@ -100,7 +100,7 @@ def status_of(exc: Exception) -> int | None:
     return None
 
 
-def failure(exc: Exception, invalid: type[Exception]) -> tuple[int, str]:
+def failure(exc: Exception, invalid: type[Exception] | tuple[()] = ()) -> tuple[int, str]:
     """The status and message of an error, for the APIs that answer in shapes of their own;
     ``invalid`` is that API's own refusal of a request (400). Logged when it is ours (5xx)."""
     status, message = _failure_status(exc, invalid), str(exc)
@@ -112,7 +112,7 @@ def failure(exc: Exception, invalid: type[Exception]) -> tuple[int, str]:
     return status, message
 
 
-def _failure_status(exc: Exception, invalid: type[Exception]) -> int | None:
+def _failure_status(exc: Exception, invalid: type[Exception] | tuple[()]) -> int | None:
     if isinstance(exc, invalid):
         return 400
     if isinstance(exc, errors.TooLarge):
