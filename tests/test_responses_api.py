@@ -373,9 +373,10 @@ def test_client_leaving_a_stream_stops_its_runner_request(llm: Server, client: o
         for event in stream:
             if event.type == "response.output_text.delta":
                 break
+    # The runner's line and the front's access line arrive in either order.
     llm.wait_logged("reason=cancelled")
+    llm.wait_logged("status=499")
     log = llm.log()
-    assert "status=499" in log
     assert "Traceback" not in log and "stream cut short" not in log
     check_shape(client.responses.create(model=MODEL, input="Hi", max_output_tokens=2))
 
