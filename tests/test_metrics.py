@@ -4,6 +4,7 @@ runners' own figures (labelled backend, model, mode) included; plus its parts on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -12,10 +13,14 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.api.middleware import Handler, final_status, settle_status
+from app.api.responses import answer_sent, client_left
 from app.engine.engine import Failed, Finished
 from app.runner.metrics import RunnerMetrics, Watch
 from app.scheduler.launch import COMPLETION, EMBEDDING
@@ -159,6 +164,33 @@ def test_errors_are_counted_with_their_status(llm: Server):
     assert moved(route=CHAT_ROUTE, method="POST", model="", status="404") == 1
     assert moved(route="unmatched", method="", status="404") == 1
     assert moved(route="/metrics", method="GET", status="200") == 1  # the first scrape
+
+
+def test_a_client_leaving_mid_stream_is_499_and_one_reading_to_done_is_200(llm: Server):
+    client = openai.OpenAI(base_url=f"{llm.url}/engines/llama.cpp/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    messages: Any = [{"role": "user", "content": "Talk for ever"}]
+    before = scrape(llm)
+    # The SDK hangs up on [DONE], before the chunked end: an answer all sent is still a 200.
+    for _ in range(3):
+        list(
+            client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=8, stream=True
+            )
+        )
+    with client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=20_000, stream=True
+    ) as stream:
+        next(iter(stream))
+    llm.wait_logged("status=499")  # the front notices on its own schedule
+    after = scrape(llm)
+
+    def moved(status: str) -> float:
+        labels = {"route": CHAT_ROUTE, "model": model, "status": status}
+        name = "model_runner_requests_total"
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert (moved("200"), moved("499")) == (3, 1)
 
 
 def test_only_get_and_only_allowed_origins(llm: Server):
@@ -321,6 +353,40 @@ def test_a_runner_observes_each_request_once_at_its_end():
     assert get("model_runner_runner_prompt_tokens_total", kind="completion") is None
     m.embedded(9, 0.1)
     assert get("model_runner_runner_prompt_tokens_total", kind="embedding") == 9
+
+
+def test_the_status_a_request_ends_with():
+    """What the access log and the metrics say, however the handler learnt the client left."""
+
+    async def ends(handler: Handler) -> int:
+        request = make_mocked_request("GET", "/x")
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await settle_status(request, handler)
+        return final_status(request)
+
+    async def answered(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=201)
+
+    async def write_failed(request: web.Request) -> web.StreamResponse:
+        client_left(request)
+        return web.StreamResponse()
+
+    async def cancelled_mid_answer(request: web.Request) -> web.StreamResponse:
+        raise asyncio.CancelledError
+
+    async def cancelled_after_the_end(request: web.Request) -> web.StreamResponse:
+        answer_sent(request, web.StreamResponse(status=200))
+        raise asyncio.CancelledError
+
+    async def refused(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPNotFound()
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("a bug")
+
+    handlers = [answered, write_failed, cancelled_mid_answer, cancelled_after_the_end, refused]
+    statuses = [asyncio.run(ends(h)) for h in [*handlers, broken]]
+    assert statuses == [201, 499, 499, 200, 404, 500]
 
 
 def test_pull_durations_by_outcome():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from app.api import openai
-from app.api.middleware import Handler
+from app.api.middleware import Handler, final_status
 from app.service.metrics import UNMATCHED, Metrics, request_scope
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -21,18 +19,9 @@ def counting(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-        status = 500
         with request_scope() as seen:
             try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            except asyncio.CancelledError:
-                status = 499  # the client left, as the access log says
-                raise
+                return await handler(request)
             finally:
                 resource = request.match_info.route.resource
                 route = resource.canonical if resource is not None else UNMATCHED
@@ -41,7 +30,7 @@ def counting(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
                 method = request.method if resource is not None else ""
                 if method not in _METHODS:
                     method = "other" if method else ""
-                metrics.request_done(route, method, seen.name, status)
+                metrics.request_done(route, method, seen.name, final_status(request))
 
     return count
 

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from app import errors
-from app.api.responses import is_streaming, plain_error
+from app.api.responses import CLIENT_LEFT, is_streaming, outcome, plain_error
 from app.logging import get_logger
 from app.scheduler import errors as scheduler_errors
 from app.service.chat import ChatFailed
@@ -56,24 +56,44 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     request_id = request[_REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     start = time.perf_counter()
-    status = 500
     try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except asyncio.CancelledError:
-        status = 499  # nginx's "client closed request": the client left (or shutdown cut it)
-        raise
+        return await handler(request)
     finally:
         log.info(
             "request",
             method=request.method,
             path=request.path,
-            status=status,
+            status=final_status(request),
             duration_ms=round((time.perf_counter() - start) * 1000, 2),
             remote=request.remote,
         )
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+_FINAL_STATUS = web.RequestKey("final_status", int)
+
+
+@web.middleware
+async def settle_status(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Decide once the status a request ended with, for the access log and the metrics (both
+    outside this middleware): 499 when the client left before its answer was out, whether its
+    handler was cancelled or a write failed; the answer's own status when it was all sent, even
+    if the client hung up before the handler returned."""
+    request[_FINAL_STATUS] = 500
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        request[_FINAL_STATUS] = exc.status
+        raise
+    except asyncio.CancelledError:
+        request[_FINAL_STATUS] = outcome(request) or CLIENT_LEFT
+        raise
+    request[_FINAL_STATUS] = outcome(request) or response.status
+    return response
+
+
+def final_status(request: web.Request) -> int:
+    return request.get(_FINAL_STATUS, 500)
 
 
 @web.middleware

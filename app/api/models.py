@@ -9,6 +9,7 @@ from aiohttp import web
 
 from app.api.progress_stream import stream_progress
 from app.api.responses import (
+    client_left,
     json_line,
     json_response,
     mark_streaming,
@@ -63,6 +64,8 @@ async def _export(request: web.Request, name: str) -> web.StreamResponse:
         mark_streaming(request)
         await write_chunks(response, chunks)
         await response.write_eof()
+    except ConnectionResetError:
+        client_left(request)  # a cut download is the client's doing, not an error of ours
     finally:
         chunks.close()
     return response

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from app.api import sse
 from app.api.inflight import cut_by_shutdown
-from app.api.responses import mark_streaming, read_body, read_json
+from app.api.responses import answer_sent, client_left, mark_streaming, read_body, read_json
 from app.logging import get_logger
 from app.service.inference import ROUTES, InferenceService, RunnerDied
 
@@ -55,6 +55,7 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
                 mark_streaming(request)
                 async for chunk in reply.chunks:
                     await response.write(chunk)
+                answer_sent(request, response)
         except RunnerDied as exc:
             if response is None:
                 return web.json_response(_died(str(exc)), status=500)
@@ -70,6 +71,7 @@ def handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             # nobody is left to tell, and it is no error of ours.
             log.info("client went away mid-answer", route=route)
             assert response is not None
+            client_left(request)
             return response
         # A client may hang up as soon as it has read the last event, before the chunked end.
         with contextlib.suppress(ConnectionResetError):

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from app import errors
-from app.api.responses import mark_streaming
+from app.api.responses import answer_sent, client_left, mark_streaming
 from app.distribution import progress
 from app.logging import get_logger
 
@@ -50,6 +50,7 @@ async def stream_progress(
         # The client went away: closing the stream above stopped the transfer (a pull keeps
         # its partial files for the next one).
         log.info("client went away", mode=mode)
+        client_left(request)
         return response
     except Exception as exc:
         # The status line is gone; whatever failed must reach the client inside the stream.
@@ -63,6 +64,7 @@ async def stream_progress(
         with contextlib.suppress(ConnectionResetError):
             await send(progress.message("error", f"Error: {reason}", mode))
             await response.write((text + "\n").encode())
+    answer_sent(request, response)
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response

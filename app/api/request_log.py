@@ -12,7 +12,7 @@ from aiohttp import web
 from app.api import sse
 from app.api.middleware import Handler
 from app.api.openai import INFERENCE
-from app.api.responses import json_line, mark_streaming
+from app.api.responses import answer_sent, client_left, json_line, mark_streaming
 from app.service.recorder import Call, Recorder, current_call, request_origin
 
 RECORDER = web.AppKey("recorder", Recorder)
@@ -65,10 +65,12 @@ async def _follow(
         while (event := await subscription.next()) is not None:
             await response.write(await asyncio.to_thread(sse.event, "new_request", event))
     except ConnectionResetError:
+        client_left(request)
         return response
     finally:
         recorder.unsubscribe(subscription)
     # Ended by shutdown, or let go for falling behind.
+    answer_sent(request, response)
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response

@@ -76,3 +76,23 @@ def mark_streaming(request: web.Request) -> None:
 
 def is_streaming(request: web.Request) -> bool:
     return bool(request.get(_STREAMING))
+
+
+_OUTCOME = web.RequestKey("outcome", int)
+CLIENT_LEFT = 499  # nginx's "client closed request"
+
+
+def answer_sent(request: web.Request, response: web.StreamResponse) -> None:
+    """A stream's last byte is out: a client that hangs up from here on (the openai SDK does on
+    ``[DONE]``, before the chunked end) was answered, with this status."""
+    request[_OUTCOME] = response.status
+
+
+def client_left(request: web.Request) -> None:
+    """The client went away before its answer was out, however the handler noticed."""
+    request[_OUTCOME] = CLIENT_LEFT
+
+
+def outcome(request: web.Request) -> int | None:
+    """What a streaming handler said of how its answer ended, if it said."""
+    return request.get(_OUTCOME)

@@ -22,7 +22,13 @@ from app.api.auth import key_checker, warn_if_open
 from app.api.cors import add_allow_origin, origin_checker
 from app.api.inflight import CANCEL_GRACE_S, IN_FLIGHT, InFlight
 from app.api.metrics import METRICS, counting, scrape
-from app.api.middleware import access_log, add_request_id, answering_errors, error_answers
+from app.api.middleware import (
+    access_log,
+    add_request_id,
+    answering_errors,
+    error_answers,
+    settle_status,
+)
 from app.api.openai_errors import openai_error_answer
 from app.api.responses import REQUEST_TIMEOUT, json_response
 from app.logging import get_logger
@@ -125,6 +131,7 @@ def create_app(
             in_flight.track,
             access_log,
             counting(metrics),
+            settle_status,
             origin_checker(settings.origins, PUBLIC),  # before keys: preflights carry none
             key_checker(settings.api_keys, HEALTH_PROBES, DESKTOP_PREFIX),
             error_answers,

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from app.api.inflight import cut_by_shutdown
-from app.api.responses import mark_streaming
+from app.api.responses import answer_sent, client_left, mark_streaming
 from app.logging import get_logger
 
 log = get_logger("sse")
@@ -47,6 +47,7 @@ async def relay(
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 await response.write(frame)
+        answer_sent(request, response)
     except asyncio.CancelledError:
         if not cut_by_shutdown(request):
             raise
@@ -54,6 +55,7 @@ async def relay(
             await response.write(cut(SHUTDOWN))
     except ConnectionResetError:
         log.info("client went away mid-answer", route=request.path)
+        client_left(request)
         return response
     # A client may hang up as soon as it has read the last event, before the chunked end.
     with contextlib.suppress(ConnectionResetError):

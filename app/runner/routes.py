@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from app.engine.engine import Failed, Finished
 from app.json_body import InvalidJSON, parse_object
 from app.runner import serving
 from app.runner.chat import TemplateError, TemplateFailed
@@ -94,10 +95,13 @@ async def _stream(request: web.Request, reply: Reply, flight: InFlight) -> web.S
         for payload in reply.stream_start():
             await response.write(sse(payload))
         async for batch in flight.batches():
-            await response.write(
-                b"".join(sse(payload) for event in batch for payload in reply.stream_event(event))
-            )
-        await response.write_eof()
+            frames = b"".join(sse(p) for event in batch for p in reply.stream_event(event))
+            if batch and isinstance(batch[-1], Finished | Failed):
+                # The last events and the body's end in one write: the front sees the end with
+                # them, before a client that hangs up on [DONE] can cut its relay short.
+                await response.write_eof(frames)
+            else:
+                await response.write(frames)
     except ConnectionResetError:
         pass  # the client left between two events: nobody to tell, and the job is cancelled
     return response
