@@ -24,6 +24,7 @@ from app.store import ModelStore
 from tests.conftest import Server, new_server
 from tests.registry import LocalRegistry
 from tests.test_distribution import push_tiny
+from tests.test_scheduler import wait_for
 from tests.tool_models import TEMPLATES, WEATHER, serving
 
 GREEDY: dict[str, Any] = {"temperature": 0, "num_predict": 8}
@@ -319,7 +320,7 @@ def test_keep_alive_holds_for_its_request_only(client: ollama.Client, llm: Serve
     assert row.expires_at.year == 1
     assert pids(llm) == runner  # none of it restarted the runner
     client.generate(model="tiny", prompt="x", options=GREEDY, keep_alive=0)
-    assert client.ps().models == []  # gone as soon as its request ended
+    wait_for("the runner to go once its request ended", lambda: client.ps().models == [])
 
 
 def test_copy_and_delete(client: ollama.Client):
