@@ -155,6 +155,12 @@ class Puller:
                 with self.store.pinned(d.digest for d in blobs):
                     fresh = await asyncio.to_thread(self._missing, blobs)
                     await self._check_space(plan, fresh)
+                    log.info(
+                        "downloading model",
+                        model=str(plan.ref),
+                        blobs=len(fresh),
+                        bytes=sum(d.size for d in fresh),
+                    )
                     async with contextlib.aclosing(self._download_layers(plan, fresh)) as lines:
                         async for line in lines:
                             yield line
