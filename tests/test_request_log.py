@@ -4,10 +4,12 @@ against a real service and runners on the tiny generated GGUF; and the recorder 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import anthropic
@@ -18,6 +20,7 @@ import pytest
 from app.protocols.openai_stream import StreamAssembler
 from app.service.recorder import MAX_RECORDS, SUBSCRIBER_BACKLOG, Record, Recorder
 from tests.conftest import Server, new_server
+from tests.test_scheduler import wait_for
 from tests.tool_models import ASK, serving
 
 AGENT = "request-log-test/1.0"
@@ -153,8 +156,10 @@ def test_model_filter_and_dropped_with_the_runner(llm: Server):
     (entry,) = json.loads(llm.tcp.request("GET", "/engines/requests?model=ai/other").body)
     assert entry["model"] == model_id(llm, "other")
 
-    missing = llm.tcp.request("GET", "/engines/requests?model=nothing-here")
-    assert missing.status == 404 and missing.headers["Content-Type"].startswith("text/plain")
+    # A model it does not know has no records: an empty list, as DMR answers.
+    for unknown in ("nothing-here", "Not A Reference"):
+        missing = llm.tcp.request("GET", f"/engines/requests?model={quote(unknown)}")
+        assert (missing.status, json.loads(missing.body)) == (200, [])
 
     reply = llm.tcp.request("POST", "/engines/unload", json.dumps({"models": ["other"]}).encode())
     assert json.loads(reply.body) == {"unloaded_runners": 1}
@@ -180,6 +185,23 @@ def test_media_data_is_cut_short(llm: Server, client: openai.OpenAI):
     )
     cut = "B" * 100 + "...[truncated 2900 chars]"
     assert heard["input_audio"] == {"data": cut, "format": "wav"}
+
+
+def test_a_request_is_listed_while_it_is_answered(llm: Server, client: openai.OpenAI):
+    ask = [{"role": "user", "content": "in flight"}]
+    with client.chat.completions.create(
+        model="tiny", messages=ask, max_tokens=20_000, stream=True
+    ) as stream:
+        next(iter(stream))
+        record = records(llm)["records"][-1]
+        # As DMR lists it: no status, no answer yet.
+        assert json.loads(record["request"])["messages"] == ask
+        assert record["status_code"] == 0 and "response" not in record and "error" not in record
+    # The client left: the same record, answered as far as it went.
+    wait_for("the answer to be recorded", lambda: records(llm)["records"][-1]["status_code"] == 200)
+    answered = records(llm)["records"][-1]
+    assert answered["id"] == record["id"]
+    assert json.loads(answered["response"])["object"] == "chat.completion"
 
 
 def test_a_refused_request_is_recorded_with_its_error(llm: Server):
@@ -252,7 +274,8 @@ def test_a_follower_that_falls_behind_is_let_go():
         recorder = Recorder()
         slow, other = recorder.subscribe(None), recorder.subscribe("elsewhere")
         for n in range(SUBSCRIBER_BACKLOG + 5):
-            recorder.add("m", {}, _record(n))
+            recorder.begin("m", {}, dataclasses.replace(_record(n), status_code=0))
+            recorder.answer("m", {}, _record(n))
         got = [await slow.next() for _ in range(SUBSCRIBER_BACKLOG)]
         assert [e[0]["records"][0]["request"] for e in got] == [
             str(n) for n in range(SUBSCRIBER_BACKLOG)
@@ -260,7 +283,8 @@ def test_a_follower_that_falls_behind_is_let_go():
         assert await slow.next() is None  # let go, not grown
         recorder.close()
         assert await other.next() is None  # another model's follower heard nothing, then ended
-        assert len(recorder.listing()[0]["records"]) == MAX_RECORDS
+        kept = recorder.listing()[0]["records"]
+        assert [r["status_code"] for r in kept] == [200] * MAX_RECORDS
 
     asyncio.run(run())
 

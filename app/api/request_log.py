@@ -9,6 +9,7 @@ import contextlib
 
 from aiohttp import web
 
+from app import errors
 from app.api import sse
 from app.api.middleware import Handler
 from app.api.openai import INFERENCE
@@ -35,15 +36,22 @@ async def call_info(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 async def requests(request: web.Request) -> web.StreamResponse:
-    model = request.query.get("model")
-    # An unknown model is a 404, as on DMR's other scheduler routes.
-    model_id = (await request.app[INFERENCE].resolve(model)).id if model else None
+    model_id = await _model_id(request, request.query.get("model"))
     recorder = request.app[RECORDER]
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await _follow(request, recorder, model_id)
     # Up to 10 records of 512 KiB per model: encoded off the loop.
     body = await asyncio.to_thread(json_line, recorder.listing(model_id))
     return web.Response(body=body, content_type="application/json")
+
+
+async def _model_id(request: web.Request, model: str | None) -> str | None:
+    if not model:
+        return None
+    try:
+        return (await request.app[INFERENCE].resolve(model)).id
+    except (errors.NotFound, errors.BadRequest):
+        return model  # as DMR: a model it does not know has no records, an empty list
 
 
 async def _follow(

@@ -128,15 +128,30 @@ class Recorder:
     def recording(
         self, model_id: str, model: str, route: str, body: bytes, doc: Any, config: dict[str, Any]
     ) -> Recording:
-        """A request on its way to a runner; it is recorded when its block ends."""
+        """A request on its way to a runner: listed at once, unanswered (``status_code`` 0, as
+        DMR lists one); answered when its block ends."""
         return Recording(self, model_id, model, route, body, doc, config)
 
-    def add(self, model_id: str, config: dict[str, Any], record: Record) -> None:
+    def begin(self, model_id: str, config: dict[str, Any], record: Record) -> None:
         kept = self._models.setdefault(model_id, _ModelRecords(config))
         kept.config = config
         kept.records.append(record)
+
+    def drop(self, model_id: str, record_id: str) -> None:
+        kept = self._models.get(model_id)
+        if kept is not None:
+            kept.records = deque((r for r in kept.records if r.id != record_id), MAX_RECORDS)
+
+    def answer(self, model_id: str, config: dict[str, Any], record: Record) -> None:
+        """The request's record, answered, takes the place of its unanswered one (unless ten
+        newer ones pushed it out, or the runner stopped) and goes to the followers."""
+        kept = self._models.get(model_id)
+        if kept is not None:
+            for i, earlier in enumerate(kept.records):
+                if earlier.id == record.id:
+                    kept.records[i] = record
         if self._subscribers:
-            event = [kept.view(model_id, [record])]
+            event = [_ModelRecords(config).view(model_id, [record])]
             for subscription in list(self._subscribers):
                 if subscription.model_id in (None, model_id):
                     subscription.offer(event)
@@ -222,6 +237,13 @@ class Recording:
         self._body = bytearray()
         self._size = 0
         self._discarded = False
+        self._when_request_text(self._begin)
+
+    def _begin(self, request: str) -> None:
+        if not self._discarded:
+            self._recorder.begin(
+                self._model_id, self._config, _replace(self._record, request=request)
+            )
 
     def watch(
         self, status: int, event_stream: bool, chunks: AsyncIterator[bytes]
@@ -235,6 +257,7 @@ class Recording:
     def discard(self) -> None:
         """The request never reached a runner that answered; it is tried again."""
         self._discarded = True
+        self._recorder.drop(self._model_id, self._record.id)
 
     def __enter__(self) -> Recording:
         return self
@@ -272,13 +295,17 @@ class Recording:
             error, response = _as_json(error), ""
         record = _replace(self._record, response=response, error=error, status_code=status)
 
-        def add(request: str) -> None:
-            self._recorder.add(self._model_id, self._config, _replace(record, request=request))
+        self._when_request_text(
+            lambda text: self._recorder.answer(
+                self._model_id, self._config, _replace(record, request=text)
+            )
+        )
 
+    def _when_request_text(self, then: Callable[[str], None]) -> None:
         if isinstance(self._request, str):
-            add(self._request)
-        else:  # still being re-encoded off the loop: recorded once it is
-            self._request.add_done_callback(lambda done: add(done.result()))
+            then(self._request)
+        else:  # still being re-encoded off the loop; callbacks run in the order they were added
+            self._request.add_done_callback(lambda done: then(done.result()))
 
     def _response(self) -> str:
         if self._stream is not None:
