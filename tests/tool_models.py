@@ -37,10 +37,13 @@ def serving(root: Path, models: dict[str, Path | None], **env: str) -> Iterator[
     closed (a fixture's teardown)."""
     srv = new_server(root, **env)
     srv.start()
-    gguf = write_tiny_gguf(root / "tiny.gguf")
-    for name, template in models.items():
-        extra = ["--chat-template", str(template)] if template else []
-        srv.cli("package", "--gguf", str(gguf), *extra, "--store", name)
-    yield srv
-    srv.stop()
-    srv.sock.unlink(missing_ok=True)
+    try:
+        gguf = write_tiny_gguf(root / "tiny.gguf")
+        for name, template in models.items():
+            extra = ["--chat-template", str(template)] if template else []
+            srv.cli("package", "--gguf", str(gguf), *extra, "--store", name)
+        yield srv
+    finally:  # also when the fixture closes the generator early (GeneratorExit)
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop()
+        srv.sock.unlink(missing_ok=True)
