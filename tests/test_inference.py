@@ -327,6 +327,27 @@ def test_client_gone_frees_the_slot(tmp_path: Path):
         srv.stop()
 
 
+def test_a_request_cancelled_while_it_waits_for_a_slot_is_logged(tmp_path: Path):
+    srv = start_server(tmp_path, write_tiny_gguf(tmp_path / "t.gguf"), MODEL_RUNNER_PARALLEL="1")
+    try:
+        waiting = "a prompt of its own length, which waits for the one slot"
+        asked = {"model": "tiny", "prompt": waiting, "max_tokens": 1}
+        reply = srv.tcp.checked("POST", "/v1/completions", json.dumps(asked).encode())
+        prompt_tokens = json.loads(reply.body)["usage"]["prompt_tokens"]
+        streams = []
+        for prompt in ("hello", waiting):  # the first takes the slot, the second waits
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 20_000, "stream": True}
+            conn.request("POST", "/v1/completions", json.dumps(body))
+            assert conn.getresponse().status == 200
+            streams.append(conn)
+        streams[1].close()
+        srv.wait_logged(f"reason=cancelled prompt_tokens={prompt_tokens} ")
+        streams[0].close()
+    finally:
+        srv.stop()
+
+
 def test_killed_runner_fails_its_request_and_restarts(tmp_path: Path):
     gguf = write_tiny_gguf(tmp_path / "t.gguf")
     srv = start_server(tmp_path, gguf)

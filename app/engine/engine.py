@@ -214,6 +214,9 @@ class Engine:
                 return
 
     def _drop_cancelled(self) -> None:
+        for request in self._waiting:
+            if request.cancelled:  # before it had a slot: its line says so all the same
+                _report(request, Finished("cancelled", len(request.prompt), 0, 0, 0.0))
         self._waiting = [r for r in self._waiting if not r.cancelled]
         for slot in self.slots:
             if slot.request is not None and slot.request.cancelled:
