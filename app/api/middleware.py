@@ -78,8 +78,8 @@ async def settle_status(request: web.Request, handler: Handler) -> web.StreamRes
     """Decide once the status a request ended with, for the access log and the metrics (both
     outside this middleware): 499 when the client left before its answer was out, whether its
     handler was cancelled or a write failed; the answer's own status when it was all sent, even
-    if the client hung up before the handler returned."""
-    request[_FINAL_STATUS] = 500
+    if the client hung up before the handler returned. Any other exception leaves it unset: a
+    500 (``final_status``)."""
     try:
         response = await handler(request)
     except web.HTTPException as exc:
