@@ -61,9 +61,12 @@ async def stream_progress(
             text = f"error while {action} model: internal error: {exc}"
             log.exception("transfer failed", mode=mode)
         reason = text.split(": ", 1)[-1]
-        with contextlib.suppress(ConnectionResetError):
+        try:
             await send(progress.message("error", f"Error: {reason}", mode))
             await response.write((text + "\n").encode())
+        except ConnectionResetError:
+            client_left(request)  # it left before it could be told
+            return response
     answer_sent(request, response)
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
