@@ -84,14 +84,15 @@ class _ModelRecords:
     config: dict[str, Any]
     records: deque[Record] = field(default_factory=lambda: deque(maxlen=MAX_RECORDS))
 
-    def view(self, model_id: str, records: list[Record]) -> dict[str, Any]:
-        """DMR's ModelRecordsResponse."""
-        return {
-            "count": len(records),
-            "model": model_id,
-            "config": self.config,
-            "records": [r.to_json() for r in records],
-        }
+
+def _view(model_id: str, config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
+    """DMR's ModelRecordsResponse."""
+    return {
+        "count": len(records),
+        "model": model_id,
+        "config": config,
+        "records": [r.to_json() for r in records],
+    }
 
 
 class Subscription:
@@ -151,7 +152,7 @@ class Recorder:
                 if earlier.id == record.id:
                     kept.records[i] = record
         if self._subscribers:
-            event = [_ModelRecords(config).view(model_id, [record])]
+            event = [_view(model_id, config, [record])]
             for subscription in list(self._subscribers):
                 if subscription.model_id in (None, model_id):
                     subscription.offer(event)
@@ -159,7 +160,7 @@ class Recorder:
     def listing(self, model_id: str | None = None) -> list[dict[str, Any]]:
         """DMR's JSON answer: every model's records, or one model's."""
         return [
-            kept.view(mid, list(kept.records))
+            _view(mid, kept.config, list(kept.records))
             for mid, kept in self._models.items()
             if model_id in (None, mid)
         ]
@@ -167,7 +168,7 @@ class Recorder:
     def existing(self, model_id: str | None = None) -> list[list[dict[str, Any]]]:
         """The records kept, one event each, as a follower that asks for them gets them."""
         return [
-            [kept.view(mid, [record])]
+            [_view(mid, kept.config, [record])]
             for mid, kept in self._models.items()
             if model_id in (None, mid)
             for record in kept.records
